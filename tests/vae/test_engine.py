@@ -1,0 +1,199 @@
+"""Specification of the training engine: determinism, exact resume, checkpoints, NaN stops, early stopping."""
+
+import math
+
+import pytest
+import torch
+
+from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
+from vae.data import ImageSet, binarize
+from vae.engine import Callback, NonFiniteLossError, fit, load_checkpoint, resolve_device
+from vae.models import build_model
+
+MODEL = ModelConfig(architecture="mlp", hidden_dims=(32,), latent_dim=4)
+OBJECTIVE = ObjectiveConfig()
+
+
+def images(n: int, seed: int) -> ImageSet:
+    generator = torch.Generator().manual_seed(seed)
+    return binarize(torch.rand(n, 28, 28, generator=generator), torch.randint(0, 10, (n,), generator=generator), "dynamic")
+
+
+TRAIN, VALIDATION = images(384, 0), images(128, 1).fixed(5)
+
+
+def train_config(**changes) -> TrainConfig:
+    return TrainConfig(**({"batch_size": 64, "epochs": 3, "seed": 3, "device": "cpu"} | changes))
+
+
+def run(config: TrainConfig, **kwargs):
+    model = build_model(MODEL, seed=config.seed)
+    state = fit(model, TRAIN, VALIDATION, OBJECTIVE, config, progress=False, **kwargs)
+    return model, state
+
+
+def assert_same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_history_has_train_and_validation_terms_per_epoch():
+    _, state = run(train_config())
+    assert [sorted(entry) for entry in state.history] == [sorted([
+        "train_loss", "train_elbo_nats", "train_reconstruction_nats", "train_kl_nats", "kl_weight",
+        "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats",
+    ])] * 3
+    for entry in state.history:
+        assert entry["train_elbo_nats"] == pytest.approx(-(entry["train_reconstruction_nats"] + entry["train_kl_nats"]))
+        assert entry["train_loss"] == pytest.approx(-entry["train_elbo_nats"], rel=0.05)
+    assert state.history[-1]["val_elbo_nats"] > state.history[0]["val_elbo_nats"]
+    assert state.epoch == 3 and len(state.epoch_seconds) == 3
+
+
+def test_same_config_and_seed_give_bit_identical_parameters_and_metrics():
+    model_a, state_a = run(train_config())
+    model_b, state_b = run(train_config())
+    assert_same_parameters(model_a, model_b)
+    assert state_a.history == state_b.history
+    model_c, state_c = run(train_config(seed=4))
+    assert state_c.history != state_a.history
+
+
+def test_resuming_from_a_checkpoint_ends_with_the_parameters_of_an_uninterrupted_run(tmp_path):
+    uninterrupted, full = run(train_config())
+
+    class Interrupt(Callback):
+        def on_epoch_end(self, state):
+            if state.epoch == 2:
+                raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "run" / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(train_config(), checkpoint_path=checkpoint, callbacks=[Interrupt()])
+    assert load_checkpoint(checkpoint)["epoch"] == 2
+    resumed, state = run(train_config(), checkpoint_path=checkpoint, resume_from=checkpoint)
+    assert_same_parameters(resumed, uninterrupted)
+    assert state.history == full.history
+    assert load_checkpoint(checkpoint)["epoch"] == 3
+
+
+def test_a_run_can_be_extended_by_resuming_with_more_epochs(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    run(train_config(epochs=2), checkpoint_path=checkpoint)
+    extended, state = run(train_config(epochs=3), resume_from=checkpoint)
+    uninterrupted, _ = run(train_config(epochs=3))
+    assert_same_parameters(extended, uninterrupted)
+    assert state.epoch == 3
+
+
+def test_checkpoint_is_written_atomically_and_loads_with_weights_only(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    model, _ = run(train_config(epochs=1), checkpoint_path=checkpoint, metadata={"run": {"preset": "test"}})
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    payload = torch.load(checkpoint, weights_only=True)
+    assert payload["epoch"] == 1 and payload["metadata"] == {"run": {"preset": "test"}}
+    assert payload["train_config"] == train_config(epochs=1).model_dump(mode="json")
+    restored = build_model(MODEL)
+    restored.load_state_dict(payload["model"])
+    assert_same_parameters(restored, model)
+
+
+def test_resuming_with_other_training_settings_is_refused(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    run(train_config(epochs=1), checkpoint_path=checkpoint)
+    with pytest.raises(ValueError, match=r"cannot resume with different training settings \(learning_rate, batch_size\)"):
+        run(train_config(learning_rate=0.1, batch_size=32), resume_from=checkpoint)
+
+
+def test_a_damaged_checkpoint_is_a_clear_error(tmp_path):
+    checkpoint = tmp_path / "checkpoint.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint.pt: not a readable checkpoint"):
+        load_checkpoint(checkpoint)
+
+
+def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    class Poison(Callback):
+        def on_epoch_end(self, state):
+            if state.epoch == 1:
+                with torch.no_grad():
+                    state.model.decoder[-2].bias.fill_(math.nan)
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at epoch 2, step 1: training stopped") as error:
+        run(train_config(), checkpoint_path=checkpoint, callbacks=[Poison()])
+    assert (error.value.epoch, error.value.step) == (2, 1)
+    assert load_checkpoint(checkpoint)["epoch"] == 1
+
+
+def test_an_exploding_learning_rate_is_reported_at_its_first_bad_step():
+    with pytest.raises(NonFiniteLossError) as error:
+        run(train_config(learning_rate=1e12, optimizer="rmsprop", epochs=5))
+    assert error.value.epoch >= 1 and error.value.step >= 1
+    assert f"at epoch {error.value.epoch}, step {error.value.step}" in str(error.value)
+
+
+def test_early_stopping_restores_the_best_epoch_when_validation_gets_worse():
+    ones = ImageSet(torch.ones(256, 1, 28, 28), torch.zeros(256, dtype=torch.long))
+    zeros = ImageSet(torch.zeros(64, 1, 28, 28), torch.zeros(64, dtype=torch.long))
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_epoch_end(self, state):
+            snapshots[state.epoch] = {k: v.clone() for k, v in state.model.state_dict().items()}
+
+    model = build_model(MODEL, seed=0)
+    config = train_config(epochs=10, early_stopping_patience=2)
+    state = fit(model, ones, zeros, OBJECTIVE, config, callbacks=[Snapshot()], progress=False)
+    values = [entry["val_elbo_nats"] for entry in state.history]
+    assert values == sorted(values, reverse=True)  # every epoch is worse on the all-zero images
+    assert (state.best_epoch, state.epoch, state.stopped_early) == (1, 3, True)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, snapshots[1][name]), name
+
+
+def test_callbacks_are_called_at_start_every_epoch_and_end():
+    calls = []
+
+    class Record(Callback):
+        def on_fit_start(self, state):
+            calls.append(("start", state.epoch))
+
+        def on_epoch_end(self, state):
+            calls.append(("epoch", state.epoch, len(state.history)))
+
+        def on_fit_end(self, state):
+            calls.append(("end", state.epoch))
+
+    run(train_config(), callbacks=[Record()])
+    assert calls == [("start", 0), ("epoch", 1, 1), ("epoch", 2, 2), ("epoch", 3, 3), ("end", 3)]
+
+
+def test_kl_warm_up_weight_is_recorded_per_epoch():
+    model = build_model(MODEL, seed=0)
+    state = fit(model, TRAIN, None, ObjectiveConfig(kl_warmup_epochs=2), train_config(batch_size=384), progress=False)
+    assert [entry["kl_weight"] for entry in state.history] == [0.0, 0.5, 1.0]
+
+
+def test_without_a_terminal_there_is_no_progress_output(capsys):
+    model = build_model(MODEL, seed=0)
+    fit(model, TRAIN, None, OBJECTIVE, train_config(epochs=1))
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", "")
+
+
+def test_bf16_autocast_trains_on_the_cpu():
+    _, state = run(train_config(precision="bf16", epochs=2))
+    assert all(math.isfinite(entry["train_loss"]) for entry in state.history)
+
+
+def test_auto_device_is_the_cpu_here_and_an_absent_gpu_is_a_clear_error():
+    assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device 'cuda' was asked for, but CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_early_stopping_without_validation_data_is_refused():
+    with pytest.raises(ValueError, match="early_stopping_patience needs a validation set"):
+        fit(build_model(MODEL), TRAIN, None, OBJECTIVE, train_config(early_stopping_patience=1), progress=False)

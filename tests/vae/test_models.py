@@ -1,0 +1,97 @@
+"""Specification of the VAE networks: the seed tutorials' shapes and sizes, and the model's operations."""
+
+import torch
+import pytest
+
+from vae.config import ModelConfig
+from vae.models import VAE, build_model
+
+KERAS_CONV = ModelConfig(
+    architecture="conv", latent_dim=2, conv_channels=(32, 64), conv_padding="same", conv_dense_dim=16,
+    decoder_start_channels=64, decoder_channels=(64, 32),
+)
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_keras_conv_example_has_the_published_parameter_counts():
+    model = build_model(KERAS_CONV)
+    assert count(model.encoder) == 69_076
+    assert count(model.decoder) == 65_089
+
+
+@pytest.mark.parametrize(
+    ("hidden", "latent", "encoder_params"),
+    [((128,), 10, 784 * 128 + 128 + 128 * 20 + 20), ((128,), 100, 784 * 128 + 128 + 128 * 200 + 200), ((400,), 20, 784 * 400 + 400 + 400 * 40 + 40)],
+)
+def test_mlp_encoder_is_784_hidden_to_mean_and_log_variance(hidden, latent, encoder_params):
+    model = build_model(ModelConfig(architecture="mlp", hidden_dims=hidden, latent_dim=latent))
+    assert count(model.encoder) == encoder_params
+    mu, logvar = model.encode(torch.rand(5, 1, 28, 28))
+    assert mu.shape == logvar.shape == (5, latent)
+
+
+def test_tf_cvae_encoder_uses_valid_convolutions_to_a_6x6_map():
+    model = build_model(ModelConfig(architecture="conv", latent_dim=50, conv_padding="valid", decoder_start_channels=32))
+    dense = model.encoder[-1]
+    assert (dense.in_features, dense.out_features) == (64 * 6 * 6, 100)
+    assert model.decoder[0].out_features == 7 * 7 * 32
+
+
+def test_matlab_decoder_projects_z_with_a_7x7_stride_7_transposed_convolution():
+    model = build_model(ModelConfig(architecture="conv", latent_dim=20, decoder_projection="transposed_conv"))
+    projection = model.decoder[1]
+    assert isinstance(projection, torch.nn.ConvTranspose2d)
+    assert (projection.in_channels, projection.out_channels, projection.kernel_size, projection.stride) == (20, 64, (7, 7), (7, 7))
+    assert model.decode(torch.zeros(3, 20)).shape == (3, 1, 28, 28)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), KERAS_CONV], ids=["mlp", "conv"])
+def test_every_model_encodes_decodes_reconstructs_and_samples(config):
+    model = build_model(config, seed=0)
+    x = torch.rand(4, 1, 28, 28)
+    output = model(x)
+    assert output.logits.shape == x.shape
+    assert output.mu.shape == output.logvar.shape == output.z.shape == (4, config.latent_dim)
+    reconstruction = model.reconstruct(x)
+    assert reconstruction.shape == x.shape and 0 <= reconstruction.min() and reconstruction.max() <= 1
+    samples = model.sample(6, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (6, 1, 28, 28)
+    torch.testing.assert_close(samples, model.sample(6, generator=torch.Generator().manual_seed(1)), rtol=0, atol=0)
+
+
+def test_reparameterization_draws_from_the_posterior_with_the_given_generator():
+    model = build_model(ModelConfig(latent_dim=3))
+    mu, logvar = torch.tensor([[1.0, -2.0, 0.5]]).expand(200_000, 3), torch.log(torch.tensor([[0.25, 4.0, 1.0]])).expand(200_000, 3)
+    z = model.reparameterize(mu, logvar, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z.mean(0), torch.tensor([1.0, -2.0, 0.5]), atol=0.02, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.tensor([0.5, 2.0, 1.0]), atol=0.02, rtol=0)
+
+
+def test_same_seed_gives_the_same_weights_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a, b = build_model(ModelConfig(), seed=7), build_model(ModelConfig(), seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    c = build_model(ModelConfig(), seed=8)
+    assert not torch.equal(next(a.parameters()), next(c.parameters()))
+
+
+@pytest.mark.parametrize("scheme", ["glorot_uniform", "kaiming_normal"])
+def test_initialization_schemes_zero_the_biases(scheme):
+    model = build_model(ModelConfig(hidden_dims=(128,), latent_dim=100, init=scheme), seed=0)
+    first = model.encoder[1]
+    assert torch.count_nonzero(first.bias) == 0
+    if scheme == "kaiming_normal":  # std 1 / sqrt(fan_in / 2), as the "Tutorial on VAEs" draws it
+        assert first.weight.std().item() == pytest.approx((2 / 784) ** 0.5, rel=0.02)
+    else:  # glorot uniform: bound sqrt(6 / (fan_in + fan_out))
+        assert first.weight.abs().max().item() <= (6 / (784 + 128)) ** 0.5
+
+
+def test_vae_is_an_nn_module_with_its_latent_size():
+    model = build_model(ModelConfig(latent_dim=5))
+    assert isinstance(model, VAE) and model.latent_dim == 5 and model.image_shape == (1, 28, 28)

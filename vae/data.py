@@ -1,0 +1,75 @@
+"""Image sets held as one tensor on the training device, with binarization done per batch or once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Binarization = Literal["dynamic", "static", "threshold", "none"]
+BINARIZATIONS: tuple[str, ...] = ("dynamic", "static", "threshold", "none")
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images of shape [N, 1, H, W] as float32 in [0, 1], their integer labels, and how a batch is drawn.
+
+    With ``resample`` (dynamic binarization) ``pixels`` are Bernoulli probabilities and every call of
+    :meth:`batch` draws fresh binary pixels; otherwise :meth:`batch` returns the stored pixels as they are.
+    """
+
+    pixels: Tensor
+    labels: Tensor
+    resample: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 4 or self.pixels.dtype != torch.float32:
+            raise ValueError(f"pixels must be float32 of shape [N, C, H, W], got {self.pixels.dtype} {tuple(self.pixels.shape)}")
+        if self.labels.shape != (self.pixels.shape[0],):
+            raise ValueError(f"labels must have shape ({self.pixels.shape[0]},), got {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def to(self, device: torch.device | str) -> ImageSet:
+        return ImageSet(self.pixels.to(device), self.labels.to(device), self.resample)
+
+    def subset(self, index: Tensor | slice) -> ImageSet:
+        return ImageSet(self.pixels[index], self.labels[index], self.resample)
+
+    def batch(self, index: Tensor | slice, generator: torch.Generator | None = None) -> Tensor:
+        """The images at ``index``, binarized afresh when this set resamples."""
+        x = self.pixels[index]
+        return torch.bernoulli(x, generator=generator) if self.resample else x
+
+    def fixed(self, seed: int) -> ImageSet:
+        """This set with one binarization drawn for good (with ``seed``), so that metrics compare across runs."""
+        if not self.resample:
+            return self
+        return binarize(self.pixels, self.labels, "static", seed)
+
+
+def binarize(pixels: Tensor, labels: Tensor, mode: Binarization, seed: int = 0) -> ImageSet:
+    """An :class:`ImageSet` from images (uint8 in [0, 255] or float in [0, 1], [N, H, W] or [N, 1, H, W]).
+
+    ``threshold`` keeps pixel >= 0.5; ``static`` draws one Bernoulli sample with ``seed``; ``dynamic`` draws a new one
+    at every batch; ``none`` keeps grayscale intensities.
+    """
+    if mode not in BINARIZATIONS:
+        raise ValueError(f"unknown binarization {mode!r}; expected one of {', '.join(BINARIZATIONS)}")
+    x = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels.float()
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    labels = labels.long()
+    if mode == "threshold":
+        return ImageSet((x >= 0.5).float(), labels)
+    if mode == "static":
+        generator = torch.Generator(device=x.device).manual_seed(seed)
+        return ImageSet(torch.bernoulli(x, generator=generator), labels)
+    return ImageSet(x, labels, resample=(mode == "dynamic"))

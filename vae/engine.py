@@ -1,0 +1,297 @@
+"""The training loop: data on the device, batches by index, per-epoch callbacks and checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vae.config import ObjectiveConfig, TrainConfig
+from vae.data import ImageSet
+from vae.evaluate import evaluate_elbo
+from vae.objectives import elbo_terms, kl_weight
+
+CHECKPOINT_FORMAT = 1
+CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
+VALIDATION_BATCH_SIZE = 1000
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the model is not usable."""
+
+    def __init__(self, epoch: int, step: int, value: float):
+        super().__init__(
+            f"non-finite loss ({value}) at epoch {epoch}, step {step}: training stopped; "
+            "lower the learning rate, clip gradients (grad_clip_norm) or check the data"
+        )
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+@dataclass
+class TrainingState:
+    """What the loop knows after each epoch; callbacks read it, checkpoints store it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    train_config: TrainConfig
+    objective: ObjectiveConfig
+    device: torch.device
+    epoch: int = 0  # last completed epoch, counted from 1
+    history: list[dict[str, float]] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_val_elbo_nats: float = -math.inf
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    best_model_state: dict[str, Tensor] | None = None
+    stopped_early: bool = False
+
+
+class Callback:
+    """Hooks called by :func:`fit`; override the ones you need."""
+
+    def on_fit_start(self, state: TrainingState) -> None: ...
+
+    def on_epoch_end(self, state: TrainingState) -> None: ...
+
+    def on_fit_end(self, state: TrainingState) -> None: ...
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; any other name is taken as it is and must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but MPS is not available on this machine")
+    return device
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    # Keras' RMSprop defaults (rho 0.9, eps 1e-7), which the Keras example trains with.
+    return torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, alpha=0.9, eps=1e-7)
+
+
+def fit(
+    model: nn.Module,
+    train: ImageSet,
+    validation: ImageSet | None,
+    objective: ObjectiveConfig,
+    config: TrainConfig,
+    *,
+    callbacks: Iterable[Callback] = (),
+    checkpoint_path: Path | str | None = None,
+    resume_from: Path | str | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool | None = None,
+) -> TrainingState:
+    """Train ``model`` on ``train`` for ``config.epochs`` epochs and return the final state.
+
+    The data sets are moved to the training device once. After every epoch the validation ELBO is computed, a
+    checkpoint is written atomically (with ``checkpoint_path``) and the callbacks run. ``resume_from`` continues a run
+    from its checkpoint and ends with the same parameters as an uninterrupted run. With early stopping the
+    parameters of the best validation epoch are restored at the end. ``metadata`` (plain values) is stored in the
+    checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`.
+    """
+    device = resolve_device(config.device)
+    model.to(device)
+    train = train.to(device)
+    validation = validation.to(device) if validation is not None else None
+    if config.early_stopping_patience is not None and validation is None:
+        raise ValueError("early_stopping_patience needs a validation set (validation_size > 0)")
+    shuffle_generator = torch.Generator().manual_seed(config.seed)
+    noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
+    state = TrainingState(model, make_optimizer(model, config), config, objective, device)
+    if resume_from is not None:
+        _restore(state, Path(resume_from), shuffle_generator, noise_generator)
+    step_model = torch.compile(model) if config.compile else model
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+    show_progress = sys.stderr.isatty() if progress is None else progress
+    callbacks = list(callbacks)
+
+    for callback in callbacks:
+        callback.on_fit_start(state)
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if state.stopped_early:
+            break
+        started = time.perf_counter()
+        metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
+        state.epoch_seconds.append(time.perf_counter() - started)
+        if validation is not None:
+            val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
+            metrics.update({f"val_{name}": value for name, value in val.items()})
+        state.epoch = epoch
+        state.history.append(metrics)
+        if validation is not None:
+            _track_best(state, metrics["val_elbo_nats"])
+        if checkpoint_path is not None:
+            save_checkpoint(Path(checkpoint_path), state, shuffle_generator, noise_generator, metadata)
+        for callback in callbacks:
+            callback.on_epoch_end(state)
+    if config.early_stopping_patience is not None and state.best_model_state is not None:
+        model.load_state_dict(state.best_model_state)
+    for callback in callbacks:
+        callback.on_fit_end(state)
+    return state
+
+
+def _train_epoch(
+    state: TrainingState,
+    step_model: nn.Module,
+    train: ImageSet,
+    epoch: int,
+    shuffle_generator: torch.Generator,
+    noise_generator: torch.Generator,
+    autocast: contextlib.AbstractContextManager,
+    show_progress: bool,
+) -> dict[str, float]:
+    config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
+    n = len(train)
+    steps = math.ceil(n / config.batch_size)
+    order = torch.randperm(n, generator=shuffle_generator).to(state.device)
+    losses = torch.empty(steps, device=state.device)
+    totals = torch.zeros(2, device=state.device)  # summed reconstruction and KL, nats
+    weighted_kl = 0.0
+    model.train()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not show_progress)
+    for step in range(steps):
+        index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        x = train.batch(index, noise_generator)
+        with autocast:
+            output = step_model(x, generator=noise_generator)
+        terms = elbo_terms(x, output, objective)
+        weight = kl_weight(objective, epoch - 1 + step / steps)
+        loss = (terms.reconstruction + weight * terms.kl).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+        optimizer.step()
+        losses[step] = loss.detach()
+        totals += torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
+        weighted_kl += weight * len(index)
+        if (step + 1) % CHECK_EVERY_STEPS == 0 or step + 1 == steps:
+            _check_finite(losses[: step + 1], epoch)
+            bar.set_postfix(loss=f"{losses[step].item():.2f}", refresh=False)
+            bar.update(step + 1 - bar.n)
+    bar.close()
+    reconstruction, kl = (totals / n).tolist()
+    return {
+        "train_loss": losses.mean().item(),
+        "train_elbo_nats": -(reconstruction + kl),
+        "train_reconstruction_nats": reconstruction,
+        "train_kl_nats": kl,
+        "kl_weight": weighted_kl / n,
+    }
+
+
+def _check_finite(losses: Tensor, epoch: int) -> None:
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        step = int(bad.nonzero()[0])
+        raise NonFiniteLossError(epoch, step + 1, losses[step].item())
+
+
+def _track_best(state: TrainingState, val_elbo_nats: float) -> None:
+    if val_elbo_nats > state.best_val_elbo_nats:
+        state.best_val_elbo_nats, state.best_epoch, state.epochs_without_improvement = val_elbo_nats, state.epoch, 0
+        if state.train_config.early_stopping_patience is not None:
+            state.best_model_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+    else:
+        state.epochs_without_improvement += 1
+        patience = state.train_config.early_stopping_patience
+        state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
+
+
+def save_checkpoint(
+    path: Path,
+    state: TrainingState,
+    shuffle_generator: torch.Generator,
+    noise_generator: torch.Generator,
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write the state atomically (a temporary file renamed over ``path``), loadable with ``weights_only=True``."""
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": state.epoch,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "rng": {"shuffle": shuffle_generator.get_state(), "noise": noise_generator.get_state().cpu()},
+        "history": state.history,
+        "epoch_seconds": state.epoch_seconds,
+        "early_stopping": {
+            "best_val_elbo_nats": state.best_val_elbo_nats,
+            "best_epoch": state.best_epoch,
+            "epochs_without_improvement": state.epochs_without_improvement,
+            "best_model": state.best_model_state,
+            "stopped_early": state.stopped_early,
+        },
+        "train_config": state.train_config.model_dump(mode="json"),
+        "objective": state.objective.model_dump(mode="json"),
+        "metadata": metadata or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`fit`, read with ``weights_only=True``; a damaged file gets a clear error."""
+    path = Path(path)
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
+    return payload
+
+
+def _restore(state: TrainingState, path: Path, shuffle_generator: torch.Generator, noise_generator: torch.Generator) -> None:
+    checkpoint = load_checkpoint(path, map_location=state.device)
+    saved = TrainConfig.model_validate(checkpoint["train_config"])
+    changed = [name for name in TrainConfig.model_fields if name not in ("epochs", "device") and getattr(saved, name) != getattr(state.train_config, name)]
+    if changed:
+        raise ValueError(f"{path}: cannot resume with different training settings ({', '.join(changed)})")
+    if ObjectiveConfig.model_validate(checkpoint["objective"]) != state.objective:
+        raise ValueError(f"{path}: cannot resume with a different objective")
+    state.model.load_state_dict(checkpoint["model"])
+    state.optimizer.load_state_dict(checkpoint["optimizer"])
+    shuffle_generator.set_state(checkpoint["rng"]["shuffle"].cpu())
+    noise_generator.set_state(checkpoint["rng"]["noise"].cpu())
+    state.epoch = checkpoint["epoch"]
+    state.history = list(checkpoint["history"])
+    state.epoch_seconds = list(checkpoint["epoch_seconds"])
+    early = checkpoint["early_stopping"]
+    state.best_val_elbo_nats = early["best_val_elbo_nats"]
+    state.best_epoch = early["best_epoch"]
+    state.epochs_without_improvement = early["epochs_without_improvement"]
+    state.best_model_state = early["best_model"]
+    state.stopped_early = early["stopped_early"]
