@@ -1,0 +1,1 @@
+"""Pipeline stages: data, and (later) tracking, artifacts, registry."""

@@ -1,0 +1,169 @@
+"""The run's one validated config (data, model, objective, training, evaluation), its presets and overrides."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
+
+TRAIN_IMAGES = 60_000  # both data sets
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names each bad field."""
+
+
+class DataConfig(BaseModel):
+    """Which data set, how it is split and binarized, and where it is cached."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: Literal["mnist", "fashion-mnist"] = "mnist"
+    binarization: Literal["dynamic", "static", "threshold", "none"] = "dynamic"
+    validation_size: int = Field(10_000, ge=0, lt=TRAIN_IMAGES)
+    split_seed: int = 0
+    binarization_seed: int = 0
+    train_subset: int | None = Field(None, gt=0)  # keep only this many training images (quick runs, tests)
+    cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs; built from a preset plus overrides and checked before any work starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    preset: str = "default"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RunConfig:
+        if self.data.train_subset is not None and self.data.train_subset > TRAIN_IMAGES - self.data.validation_size:
+            raise ValueError(
+                f"data.train_subset ({self.data.train_subset}) exceeds the {TRAIN_IMAGES - self.data.validation_size} "
+                "training images left after the validation split"
+            )
+        if self.train.early_stopping_patience is not None and self.data.validation_size == 0:
+            raise ValueError("train.early_stopping_patience needs a validation set: set data.validation_size > 0")
+        return self
+
+
+# Each preset reproduces one of the seed tutorials (network, data, binarization, likelihood, optimizer, batch, z);
+# "default" is the main job: the pytorch/examples network on dynamically binarized MNIST, scored by the IWAE bound.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {
+        "data": {"dataset": "mnist", "binarization": "dynamic", "validation_size": 10_000},
+        "model": {"architecture": "mlp", "hidden_dims": [400], "latent_dim": 20},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "epochs": 10, "early_stopping_patience": 5},
+        "eval": {"iwae_samples": 1000},
+    },
+    "tf-fashion-mlp": {  # A: TensorFlow 2 / Keras subclassed MLP VAE on Fashion-MNIST
+        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
+        "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 10, "init": "glorot_uniform"},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 100, "seed": 22},
+    },
+    "vae-tutorial-mlp": {  # B: "Tutorial on VAEs" MLP on MNIST (TensorFlow 1 and PyTorch)
+        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
+        "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 100, "init": "kaiming_normal"},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "epochs": 20},
+    },
+    "keras-conv-fashion": {  # C: Keras example conv VAE with a 2-D latent, on Fashion-MNIST
+        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
+        "model": {
+            "architecture": "conv", "latent_dim": 2, "conv_channels": [32, 64], "conv_padding": "same",
+            "conv_dense_dim": 16, "decoder_start_channels": 64, "decoder_channels": [64, 32], "init": "glorot_uniform",
+        },
+        "train": {"optimizer": "rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+    },
+    "tf-cvae-mnist": {  # D: TensorFlow 2 CVAE tutorial on threshold-binarized MNIST, Monte Carlo KL
+        "data": {"dataset": "mnist", "binarization": "threshold", "validation_size": 0},
+        "model": {
+            "architecture": "conv", "latent_dim": 50, "conv_channels": [32, 64], "conv_padding": "valid",
+            "decoder_start_channels": 32, "decoder_channels": [64, 32], "init": "glorot_uniform",
+        },
+        "objective": {"kl": "monte_carlo"},
+        "train": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 100, "epochs": 100},
+    },
+    "matlab-conv-mnist": {  # E: MATLAB Deep Learning Toolbox conv VAE on grayscale MNIST, Gaussian (MSE) likelihood
+        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
+        "model": {
+            "architecture": "conv", "latent_dim": 20, "conv_channels": [32, 64], "conv_padding": "same",
+            "decoder_projection": "transposed_conv", "decoder_start_channels": 64, "decoder_channels": [64, 32],
+            "init": "glorot_uniform",
+        },
+        "objective": {"likelihood": "gaussian", "gaussian_std": 1.0},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50},
+    },
+}
+
+
+def load_config(
+    preset: str = "default",
+    overrides: Mapping[str, Any] | None = None,
+    file: Path | str | None = None,
+) -> RunConfig:
+    """The preset, then the settings of a TOML or JSON ``file``, then ``overrides`` (``{"train.epochs": 3}``)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    values = json.loads(json.dumps(PRESETS[preset]))
+    values["preset"] = preset
+    if file is not None:
+        _merge(values, _read_file(Path(file)))
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        target = values
+        for part in parents:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"{dotted}: {part} is not a section")
+        target[leaf] = value
+    return validate(values)
+
+
+def validate(values: Mapping[str, Any]) -> RunConfig:
+    """A :class:`RunConfig` from plain values; every bad field is named in one :class:`ConfigError`."""
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as error:
+        problems = []
+        for issue in error.errors():
+            where = ".".join(str(part) for part in issue["loc"]) or "config"
+            given = f" (got {issue['input']!r})" if issue["type"] != "missing" and "input" in issue and not isinstance(issue["input"], dict) else ""
+            problems.append(f"{where}: {issue['msg']}{given}")
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``train.epochs=3`` -> ("train.epochs", 3); values are read as JSON when they parse, else kept as text."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} is not of the form section.field=value")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+        return tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"{path}: cannot read config file ({error})") from error
