@@ -51,7 +51,7 @@ def iwae_bound(
     objective: ObjectiveConfig,
     *,
     samples: int,
-    chunk_size: int = 250,
+    chunk_size: int = 32,
     batch_size: int = 100,
     seed: int = 0,
 ) -> dict[str, float]:
