@@ -112,7 +112,7 @@ def main() -> None:
 
     engine = seconds["engine"]
     print(f"\nMNIST 60k, 784-400-20, batch 128, Adam 1e-3, dynamic binarization, {args.epochs} epochs, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'loop':<16}{'median img/s':>14}{'engine/loop (median of per-epoch ratios)':>44}{'test ELBO (nats)':>20}")
+    print(f"{'loop':<16}{'median img/s':>14}{'engine speed / loop speed (median of epochs)':>46}{'test ELBO (nats)':>20}")
     elbos = {
         "engine": evaluate_elbo(model, test, ObjectiveConfig())["elbo_nats"],
         "dataloader loop": plain_test_elbo(loader_model, test.pixels),
