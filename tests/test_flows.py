@@ -3,6 +3,7 @@
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -76,3 +77,12 @@ def test_a_malformed_cached_file_is_refetched_from_the_mirror(tmp_path):
         raw = data.load("mnist", cache)
     assert len(raw.test_labels) == 10_000
     assert Path(files["t10k-labels-idx1-ubyte"]).read_bytes() == (tmp_path / "good").read_bytes()
+
+
+@needs_mirror
+def test_a_nan_loss_fails_the_run_naming_epoch_and_step_and_writes_no_metrics(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = flows.main(["train", "--epochs", "3", "--output-dir", str(out), *QUICK, "--set", "train.optimizer=rmsprop", "--set", "train.learning_rate=1e12"])
+    assert code == 1
+    assert re.search(r"^error: non-finite loss \((nan|inf|-inf)\) at epoch \d+, step \d+: training stopped", capsys.readouterr().err)
+    assert not (out / "metrics.json").exists()

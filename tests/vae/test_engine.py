@@ -197,3 +197,11 @@ def test_auto_device_is_the_cpu_here_and_an_absent_gpu_is_a_clear_error():
 def test_early_stopping_without_validation_data_is_refused():
     with pytest.raises(ValueError, match="early_stopping_patience needs a validation set"):
         fit(build_model(MODEL), TRAIN, None, OBJECTIVE, train_config(early_stopping_patience=1), progress=False)
+
+
+def test_torch_compile_trains_to_the_losses_of_eager_mode():
+    _, eager = run(train_config(epochs=2))
+    _, compiled = run(train_config(epochs=2, compile=True))
+    for a, b in zip(eager.history, compiled.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_elbo_nats"] == pytest.approx(a["val_elbo_nats"], rel=1e-4)
