@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -136,7 +137,8 @@ def validate(values: Mapping[str, Any]) -> RunConfig:
         problems = []
         for issue in error.errors():
             where = ".".join(str(part) for part in issue["loc"]) or "config"
-            given = f" (got {issue['input']!r})" if issue["type"] != "missing" and "input" in issue and not isinstance(issue["input"], dict) else ""
+            value = issue.get("input")
+            given = "" if issue["type"] == "missing" or isinstance(value, Mapping) else f" (got {value!r})"
             problems.append(f"{where}: {issue['msg']}{given}")
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
 
