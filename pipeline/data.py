@@ -325,6 +325,7 @@ def _copy_verified(source: str, path: Path, expected: str, timeout: float) -> No
             actual = digest.hexdigest()
             if actual != expected:
                 raise ChecksumError(f"{path.name} from {source}: decompressed sha256 is {actual}, expected {expected}")
+            os.chmod(temporary, 0o644)  # mkstemp makes it private; a data cache may be shared
             os.replace(temporary, path)
         finally:
             Path(temporary).unlink(missing_ok=True)
