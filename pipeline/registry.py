@@ -1,0 +1,236 @@
+"""Log the trained model, register it under a name per data set, and promote it by aliases (never stages)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from torch import Tensor
+
+from pipeline.config import RunConfig
+from vae.models import VAE
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_NAME = "model"  # the logged model's name inside its run
+
+
+class RegistryError(LookupError):
+    """A registered model or one of its versions does not exist; the message names which."""
+
+
+class LoggedVAE(VAE):
+    """The VAE as logged: the same networks and methods, but ``forward(x)`` returns the mean reconstructions.
+
+    MLflow's pyfunc ``predict()`` needs one tensor out of ``forward``; the training VAE returns a ``VAEOutput``.
+    """
+
+    @classmethod
+    def of(cls, model: VAE) -> LoggedVAE:
+        """A CPU copy of ``model`` (the caller's model is left where it is)."""
+        logged = cls(copy.deepcopy(model.encoder), copy.deepcopy(model.decoder), model.latent_dim, model.image_shape)
+        return logged.cpu().eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return self.reconstruct(x)
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """Which alias a new version got, and why, in a sentence a person reads."""
+
+    version: str
+    alias: str  # CHAMPION or CHALLENGER
+    promoted: bool
+    metric: str
+    value: float
+    champion_version: str | None
+    champion_value: float | None
+    reason: str
+
+
+def registered_model_name(dataset: str) -> str:
+    """The registered model of a data set: models of different data sets never compete."""
+    return f"vae-{dataset}"
+
+
+def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float, bool]:
+    """(name, value, lower_is_better): the IWAE test NLL in nats when measured, else the test ELBO in nats."""
+    if "test_nll_nats" in metrics:
+        return "test_nll_nats", float(metrics["test_nll_nats"]), True
+    if "test_elbo_nats" in metrics:
+        return "test_elbo_nats", float(metrics["test_elbo_nats"]), False
+    raise KeyError(f"metrics hold neither test_nll_nats nor test_elbo_nats: {sorted(metrics)}")
+
+
+def log_model(model: VAE, example: Tensor) -> str:
+    """Log ``model`` to the active run with a signature and input example (a few [N, 1, 28, 28] images); its URI.
+
+    The model is pickled (not exported to pt2) so that the loaded module keeps ``sample``, ``decode`` and
+    ``encode``; loading it needs this project's ``vae`` and ``pipeline`` packages importable.
+    """
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_model needs an active MLflow run: call it inside mlflow.start_run()")
+    logged = LoggedVAE.of(model)
+    images = example.detach().to("cpu", torch.float32)
+    signature = infer_signature(images.numpy(), logged(images).numpy())
+    info = mlflow.pytorch.log_model(
+        logged,
+        name=MODEL_NAME,
+        signature=signature,
+        input_example=images.numpy(),
+        serialization_format="pickle",
+        # Explicit requirements skip MLflow's inference, which loads the model again in a subprocess.
+        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
+    )
+    return info.model_uri
+
+
+def register(
+    model_uri: str,
+    config: RunConfig,
+    metrics: Mapping[str, float],
+    run_id: str,
+    *,
+    margin: float = 0.0,
+    client: MlflowClient | None = None,
+) -> PromotionDecision:
+    """Register a new version under the data set's name, tag it, and make it champion or challenger.
+
+    It becomes champion when there is none yet, or when the champion has the same binarization and the new primary
+    metric beats the champion's by more than ``margin`` nats; otherwise it becomes challenger. The decision is
+    recorded on the version as ``promotion.*`` tags and as its description.
+    """
+    client = client or MlflowClient()
+    name = registered_model_name(config.data.dataset)
+    metric, value, lower_is_better = primary_metric(metrics)
+    tags = {
+        "run_id": run_id,
+        "dataset": config.data.dataset,
+        "binarization": config.data.binarization,
+        "preset": config.preset,
+        "primary_metric": metric,
+        **{key: repr(float(number)) for key, number in metrics.items() if key.startswith("test_")},
+    }
+    current = champion(name, client=client)
+    # MLflow's own registration (it links the logged model to the version) uses the configured URIs, as does the
+    # SQL store when it resolves a models:/ source, so ``client`` must point at the same place.
+    version = mlflow.register_model(model_uri, name, tags=tags).version
+    decision = _decide(str(version), config.data.binarization, metric, value, lower_is_better, margin, current)
+
+    client.set_registered_model_alias(name, decision.alias, decision.version)
+    if decision.promoted and current is not None:
+        client.set_model_version_tag(name, current.version, "demoted_by", decision.version)
+    outcome = {
+        "promotion.decision": decision.alias,
+        "promotion.reason": decision.reason,
+        "promotion.champion_version": decision.champion_version or "none",
+        "promotion.champion_value": "none" if decision.champion_value is None else repr(decision.champion_value),
+    }
+    for key, text in outcome.items():
+        client.set_model_version_tag(name, decision.version, key, text)
+    description = f"Registered as {decision.alias}: {decision.reason}."
+    client.update_model_version(name, decision.version, description=description)
+    return decision
+
+
+def promote(name: str, version: str | int, reason: str, *, client: MlflowClient | None = None) -> None:
+    """Move ``champion`` to ``version`` by hand, recording ``reason`` on it and ``demoted_by`` on the old champion."""
+    client = client or MlflowClient()
+    version = str(version)
+    target = _model_version(client, name, version)
+    previous = champion(name, client=client)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if CHALLENGER in target.aliases:
+        client.delete_registered_model_alias(name, CHALLENGER)
+    client.set_model_version_tag(name, version, "promoted_by_hand", reason)
+    if previous is not None and previous.version != target.version:
+        client.set_model_version_tag(name, previous.version, "demoted_by", version)
+    was = f" (replacing v{previous.version})" if previous is not None and previous.version != target.version else ""
+    note = f"Promoted to champion by hand{was}: {reason}"
+    description = f"{target.description}\n{note}" if target.description else note
+    client.update_model_version(name, version, description=description)
+
+
+def champion(name: str, *, client: MlflowClient | None = None) -> ModelVersion | None:
+    """The version of ``name`` that holds the ``champion`` alias, or None (no champion, or no such model)."""
+    client = client or MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException as error:
+        if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def _decide(
+    version: str,
+    binarization: str,
+    metric: str,
+    value: float,
+    lower_is_better: bool,
+    margin: float,
+    current: ModelVersion | None,
+) -> PromotionDecision:
+    def decided(promoted: bool, reason: str, champion_value: float | None = None) -> PromotionDecision:
+        return PromotionDecision(
+            version=version,
+            alias=CHAMPION if promoted else CHALLENGER,
+            promoted=promoted,
+            metric=metric,
+            value=value,
+            champion_version=None if current is None else str(current.version),
+            champion_value=champion_value,
+            reason=reason,
+        )
+
+    if not math.isfinite(value):
+        return decided(False, f"{metric} is {value}: not a number to promote on")
+    if current is None:
+        return decided(True, f"no champion yet: v{version} ({metric} {value:.2f}) becomes champion")
+    theirs = current.tags.get("binarization")
+    if theirs != binarization:
+        return decided(
+            False,
+            f"not comparable with champion v{current.version}: binarization {binarization!r} differs from "
+            f"the champion's {theirs!r}",
+        )
+    if metric not in current.tags:
+        return decided(False, f"not comparable with champion v{current.version}: it has no {metric}")
+    best = float(current.tags[metric])
+    gain = best - value if lower_is_better else value - best
+    if gain > margin:
+        return decided(
+            True,
+            f"{metric} {value:.2f} beats champion v{current.version} ({best:.2f}) by {gain:.2f} > margin {margin:.2f}",
+            best,
+        )
+    return decided(
+        False,
+        f"{metric} {value:.2f} does not beat champion v{current.version} ({best:.2f}) by more than margin "
+        f"{margin:.2f} (difference {gain:.2f}, {'lower' if lower_is_better else 'higher'} is better)",
+        best,
+    )
+
+
+def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as error:
+        if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            raise
+    try:
+        versions = sorted(int(found.version) for found in client.search_model_versions(f"name = '{name}'"))
+    except MlflowException:
+        versions = []
+    known = ", ".join(str(number) for number in versions) or "none"
+    raise RegistryError(f"registered model {name!r} has no version {version} (its versions: {known})") from None
