@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from torch import Tensor
 
 from pipeline.config import RunConfig
-from vae.models import VAE
+from vae.models import VAE, ServingVAE
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -26,22 +25,6 @@ MODEL_NAME = "model"  # the logged model's name inside its run
 
 class RegistryError(LookupError):
     """A registered model or one of its versions does not exist; the message names which."""
-
-
-class LoggedVAE(VAE):
-    """The VAE as logged: the same networks and methods, but ``forward(x)`` returns the mean reconstructions.
-
-    MLflow's pyfunc ``predict()`` needs one tensor out of ``forward``; the training VAE returns a ``VAEOutput``.
-    """
-
-    @classmethod
-    def of(cls, model: VAE) -> LoggedVAE:
-        """A CPU copy of ``model`` (the caller's model is left where it is)."""
-        logged = cls(copy.deepcopy(model.encoder), copy.deepcopy(model.decoder), model.latent_dim, model.image_shape)
-        return logged.cpu().eval()
-
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        return self.reconstruct(x)
 
 
 @dataclass(frozen=True)
@@ -80,7 +63,7 @@ def log_model(model: VAE, example: Tensor) -> str:
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_model needs an active MLflow run: call it inside mlflow.start_run()")
-    logged = LoggedVAE.of(model)
+    logged = ServingVAE.of(model)
     images = example.detach().to("cpu", torch.float32)
     signature = infer_signature(images.numpy(), logged(images).numpy())
     info = mlflow.pytorch.log_model(
@@ -104,15 +87,14 @@ def register(
     margin: float = 0.0,
     client: MlflowClient | None = None,
 ) -> PromotionDecision:
-    """Register a new version under the data set's name, tag it, and make it champion or challenger.
+    """:func:`register_version`, then :func:`assign_alias`: the new version and the decision on it."""
+    version = register_version(model_uri, config, metrics, run_id)
+    return assign_alias(config, metrics, version, margin=margin, client=client)
 
-    It becomes champion when there is none yet, or when the champion has the same binarization and the new primary
-    metric beats the champion's by more than ``margin`` nats; otherwise it becomes challenger. The decision is
-    recorded on the version as ``promotion.*`` tags and as its description.
-    """
-    client = client or MlflowClient()
-    name = registered_model_name(config.data.dataset)
-    metric, value, lower_is_better = primary_metric(metrics)
+
+def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, float], run_id: str) -> str:
+    """Register a new version under the data set's name, tagged with its run, data, preset and test metrics."""
+    metric, _, _ = primary_metric(metrics)
     tags = {
         "run_id": run_id,
         "dataset": config.data.dataset,
@@ -121,12 +103,29 @@ def register(
         "primary_metric": metric,
         **{key: repr(float(number)) for key, number in metrics.items() if key.startswith("test_")},
     }
-    current = champion(name, client=client)
     # MLflow's own registration (it links the logged model to the version) uses the configured URIs, as does the
-    # SQL store when it resolves a models:/ source, so ``client`` must point at the same place.
-    version = mlflow.register_model(model_uri, name, tags=tags).version
-    decision = _decide(str(version), config.data.binarization, metric, value, lower_is_better, margin, current)
+    # SQL store when it resolves a models:/ source.
+    return str(mlflow.register_model(model_uri, registered_model_name(config.data.dataset), tags=tags).version)
 
+
+def assign_alias(
+    config: RunConfig,
+    metrics: Mapping[str, float],
+    version: str,
+    *,
+    margin: float = 0.0,
+    client: MlflowClient | None = None,
+) -> PromotionDecision:
+    """Make ``version`` champion or challenger, recording the decision on it as ``promotion.*`` tags and description.
+
+    It becomes champion when there is none yet, or when the champion has the same binarization and the new primary
+    metric beats the champion's by more than ``margin`` nats; otherwise it becomes challenger.
+    """
+    client = client or MlflowClient()
+    name = registered_model_name(config.data.dataset)
+    metric, value, lower_is_better = primary_metric(metrics)
+    current = champion(name, client=client)
+    decision = _decide(version, config.data.binarization, metric, value, lower_is_better, margin, current)
     client.set_registered_model_alias(name, decision.alias, decision.version)
     if decision.promoted and current is not None:
         client.set_model_version_tag(name, current.version, "demoted_by", decision.version)
@@ -138,8 +137,7 @@ def register(
     }
     for key, text in outcome.items():
         client.set_model_version_tag(name, decision.version, key, text)
-    description = f"Registered as {decision.alias}: {decision.reason}."
-    client.update_model_version(name, decision.version, description=description)
+    client.update_model_version(name, decision.version, description=f"Registered as {decision.alias}: {decision.reason}.")
     return decision
 
 
@@ -165,11 +163,12 @@ def champion(name: str, *, client: MlflowClient | None = None) -> ModelVersion |
     """The version of ``name`` that holds the ``champion`` alias, or None (no champion, or no such model)."""
     client = client or MlflowClient()
     try:
-        return client.get_model_version_by_alias(name, CHAMPION)
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
     except MlflowException as error:
         if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             return None
         raise
+    return None if version is None else client.get_model_version(name, str(version))
 
 
 def _decide(

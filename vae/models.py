@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import NamedTuple
 
@@ -60,6 +61,22 @@ class VAE(nn.Module):
         device = next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
         return torch.sigmoid(self.decode(z))
+
+
+class ServingVAE(VAE):
+    """The VAE as served: the same networks and methods, but ``forward(x)`` returns the mean reconstructions.
+
+    Model servers (MLflow's pyfunc ``predict()`` among them) need one tensor out of ``forward``.
+    """
+
+    @classmethod
+    def of(cls, model: VAE) -> ServingVAE:
+        """A CPU copy of ``model`` in eval mode (the caller's model is left as it is)."""
+        serving = cls(copy.deepcopy(model.encoder), copy.deepcopy(model.decoder), model.latent_dim, model.image_shape)
+        return serving.cpu().eval()
+
+    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        return self.reconstruct(x)
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:

@@ -14,7 +14,6 @@ from mlflow import MlflowClient
 
 from pipeline.config import load_config
 from pipeline.registry import (
-    LoggedVAE,
     PromotionDecision,
     RegistryError,
     champion,
@@ -25,7 +24,7 @@ from pipeline.registry import (
     registered_model_name,
 )
 from vae.config import ModelConfig
-from vae.models import VAE, build_model
+from vae.models import VAE, ServingVAE, build_model
 
 pytestmark = pytest.mark.filterwarnings(
     # MLflow 3.17's SQLAlchemy store configures a deprecated loader strategy on import.
@@ -105,7 +104,7 @@ def test_a_logged_model_loads_from_the_champion_alias_and_samples_and_decodes(st
     loaded = mlflow.pytorch.load_model("models:/vae-mnist@champion")
     z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
 
-    assert isinstance(loaded, LoggedVAE) and isinstance(loaded, VAE)
+    assert isinstance(loaded, ServingVAE) and isinstance(loaded, VAE)
     assert torch.equal(loaded.decode(z), store.model.decode(z))
     assert torch.equal(
         loaded.sample(3, generator=torch.Generator().manual_seed(2)),

@@ -4,7 +4,7 @@ import torch
 import pytest
 
 from vae.config import ModelConfig
-from vae.models import VAE, build_model
+from vae.models import VAE, ServingVAE, build_model
 
 KERAS_CONV = ModelConfig(
     architecture="conv", latent_dim=2, conv_channels=(32, 64), conv_padding="same", conv_dense_dim=16,
@@ -95,3 +95,15 @@ def test_initialization_schemes_zero_the_biases(scheme):
 def test_vae_is_an_nn_module_with_its_latent_size():
     model = build_model(ModelConfig(latent_dim=5))
     assert isinstance(model, VAE) and model.latent_dim == 5 and model.image_shape == (1, 28, 28)
+
+
+def test_serving_vae_is_a_cpu_copy_whose_forward_returns_reconstructions():
+    model = build_model(ModelConfig(latent_dim=3), seed=0)
+    serving = ServingVAE.of(model)
+    x = torch.rand(4, 1, 28, 28)
+    assert not serving.training and serving.latent_dim == 3
+    torch.testing.assert_close(serving(x), model.reconstruct(x), rtol=0, atol=0)
+    assert serving.sample(2).shape == (2, 1, 28, 28)
+    with torch.no_grad():
+        serving.decoder[-2].bias.add_(1.0)
+    assert not torch.equal(serving.decoder[-2].bias, model.decoder[-2].bias)
