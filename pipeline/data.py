@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.config import DataConfig
 from vae.data import Binarization, ImageSet, binarize
 
 FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -136,6 +137,8 @@ class PreparedData:
     validation: ImageSet | None
     test: ImageSet
     class_names: tuple[str, ...]
+    name: str  # the data set's
+    digest: str  # the published files' content digest (see RawDataset)
 
 
 def default_cache_dir() -> Path:
@@ -215,8 +218,12 @@ def read_idx(path: Path) -> Tensor:
 
 def load(dataset: str, cache_dir: Path | None = None, mirrors: Sequence[str] | None = None) -> RawDataset:
     """Fetch ``dataset`` (see :func:`fetch`) and read its training and test images and labels."""
+    return read(dataset, fetch(dataset, cache_dir, mirrors))
+
+
+def read(dataset: str, files: Mapping[str, Path]) -> RawDataset:
+    """The data set in ``files`` (as :func:`fetch` returns them): training and test images and labels, validated."""
     spec = _spec(dataset)
-    files = fetch(dataset, cache_dir, mirrors)
     train_images, train_labels = _read_images_and_labels(files[FILE_NAMES[0]], files[FILE_NAMES[1]])
     test_images, test_labels = _read_images_and_labels(files[FILE_NAMES[2]], files[FILE_NAMES[3]])
     return RawDataset(spec.name, train_images, train_labels, test_images, test_labels, spec.digest, spec.class_names)
@@ -253,7 +260,19 @@ def prepare(
         images, labels = raw.train_images[validation_index], raw.train_labels[validation_index]
         validation = binarize(images, labels, binarization, binarization_seed + 1).fixed(binarization_seed + 1)
     test = binarize(raw.test_images, raw.test_labels, binarization, binarization_seed + 2).fixed(binarization_seed + 2)
-    return PreparedData(train, validation, test, raw.class_names)
+    return PreparedData(train, validation, test, raw.class_names, raw.name, raw.digest)
+
+
+def prepare_configured(config: DataConfig, files: Mapping[str, Path]) -> PreparedData:
+    """Read the fetched ``files`` of ``config.dataset`` and :func:`prepare` them as ``config`` says."""
+    return prepare(
+        read(config.dataset, files),
+        validation_size=config.validation_size,
+        split_seed=config.split_seed,
+        binarization=config.binarization,
+        binarization_seed=config.binarization_seed,
+        train_subset=config.train_subset,
+    )
 
 
 def _spec(dataset: str) -> DatasetSpec:

@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline import artifacts
 from pipeline.config import RunConfig
-from pipeline.data import DATASETS, PreparedData, RawDataset
+from pipeline.data import DATASETS, PreparedData
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
 
@@ -205,21 +205,21 @@ def split_digest(content_digest: str, split: str, config: RunConfig) -> str:
     return f"{content_digest[:8]}-{shaped[:8]}"
 
 
-def log_dataset(raw: RawDataset, prepared: PreparedData, config: RunConfig) -> None:
+def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
     """The training, validation (if any) and test splits as dataset inputs of the active run.
 
     Each is named after the data set, has a :func:`split_digest` and its image count as profile, and points at where
     the data set is published. The run is also tagged with the full content digest ("dataset_digest").
     """
-    source = HTTPDatasetSource(DATASETS[raw.name].hosts[0])
+    source = HTTPDatasetSource(DATASETS[prepared.name].hosts[0])
     splits = {"training": prepared.train, "validation": prepared.validation, "test": prepared.test}
     contexts = [context for context, images in splits.items() if images is not None]
     datasets = [
-        ImageSplit(source, raw.name, split_digest(raw.digest, context, config), len(splits[context]))
+        ImageSplit(source, prepared.name, split_digest(prepared.digest, context, config), len(splits[context]))
         for context in contexts
     ]
     mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(contexts))
-    mlflow.set_tag("dataset_digest", raw.digest)
+    mlflow.set_tag("dataset_digest", prepared.digest)
 
 
 class MLflowCallback(Callback):
@@ -265,6 +265,11 @@ def log_evaluation(
     mlflow.log_image(artifacts.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
     if model.latent_dim == 2:
         mlflow.log_image(artifacts.latent_manifold(model), artifact_file="latent_manifold.png")
+
+
+def log_checkpoint(path: Path) -> None:
+    """The training checkpoint (model, optimizer, epoch, RNG states) as ``checkpoint/checkpoint.pt``."""
+    mlflow.log_artifact(str(path), artifact_path="checkpoint")
 
 
 def _log_bytes(data: bytes, artifact_file: str) -> None:

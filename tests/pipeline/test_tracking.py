@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import sqlite3
 import subprocess
 from collections.abc import Iterator
@@ -39,38 +38,13 @@ CLASS_NAMES = DATASETS["mnist"].class_names
 # --- fixtures ------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store created once (MLflow's migrations take seconds); tests work on copies of it."""
-    database = tmp_path_factory.mktemp("template") / "mlflow.db"
-    try:
-        ensure_store(f"sqlite:///{database}")
-    finally:
-        mlflow.set_tracking_uri(None)
-    return database
-
-
-def use_copy(template_db: Path, directory: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh store in ``directory`` (a copy of the template), made the tracking store and the default ``mlruns/``."""
-    directory.mkdir(parents=True)
-    shutil.copy(template_db, directory / "mlflow.db")
-    uri = f"sqlite:///{directory / 'mlflow.db'}"
-    monkeypatch.setattr(tracking, "MLRUNS_DIR", directory)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
-
-
 @pytest.fixture
-def store(template_db: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def store(mlflow_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh store for this test; the working directory is an empty one, checked to stay empty."""
-    uri = use_copy(template_db, tmp_path / "mlruns", monkeypatch)
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     monkeypatch.chdir(workdir)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    yield mlflow_store
     assert list(workdir.iterdir()) == []
 
 
@@ -105,7 +79,7 @@ def train_and_log(config: RunConfig, metrics: dict[str, float] | None = None) ->
     raw, prepared = tiny_data(config)
     model = build_model(config.model, seed=0)
     with start_run(config, run_name="tiny") as run:
-        log_dataset(raw, prepared, config)
+        log_dataset(prepared, config)
         fit(model, prepared.train, prepared.validation, config.objective, config.train,
             callbacks=[MLflowCallback()], progress=False)
         log_evaluation(model, prepared.test, prepared.class_names, metrics or {})
@@ -116,11 +90,11 @@ TEST_METRICS = {"test_elbo_nats": -180.5, "test_reconstruction_nats": 160.25, "t
 
 
 @pytest.fixture(scope="module")
-def finished_run(template_db: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunConfig, str]]:
+def finished_run(store_copier, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunConfig, str]]:
     """One tracked two-epoch run of a model with a 2-D latent, shared by the tests that only read it."""
     config = tiny_config(latent_dim=2)
     with pytest.MonkeyPatch.context() as monkeypatch:
-        use_copy(template_db, tmp_path_factory.mktemp("finished") / "mlruns", monkeypatch)
+        store_copier(tmp_path_factory.mktemp("finished") / "mlruns", monkeypatch)
         run_id = train_and_log(config, TEST_METRICS)
         yield config, run_id
         mlflow.set_tracking_uri(None)
@@ -208,7 +182,7 @@ def test_flat_params_hold_the_whole_config_as_dotted_strings():
     assert params["train.grad_clip_norm"] == "None"
     assert params["train.compile"] == "False"
     assert params["data.cache_dir"] == "None"
-    sections = {"data", "model", "objective", "train", "eval"}
+    sections = {"data", "model", "objective", "train", "eval", "registry"}
     fields = {f"{s}.{f}" for s in sections for f in type(getattr(load_config("default"), s)).model_fields}
     assert set(params) == fields | {"preset"}
 
@@ -300,7 +274,7 @@ def test_without_a_validation_set_only_training_and_test_are_logged(store):
     config = tiny_config(**{"data.validation_size": 0, "train.early_stopping_patience": None})
     raw, prepared = tiny_data(config)
     with start_run(config) as run:
-        log_dataset(raw, prepared, config)
+        log_dataset(prepared, config)
     inputs = MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     assert sorted(tag.value for item in inputs for tag in item.tags) == ["test", "training"]
 

@@ -1,0 +1,64 @@
+"""The train and evaluate stages: a run config and prepared data in, a trained model and its test metrics out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from pipeline.config import RunConfig
+from pipeline.data import PreparedData
+from vae.data import ImageSet
+from vae.engine import Callback, TrainingState, fit
+from vae.evaluate import evaluate_elbo, iwae_bound
+from vae.models import VAE, build_model
+
+
+def train(
+    config: RunConfig,
+    prepared: PreparedData,
+    *,
+    callbacks: Iterable[Callback] = (),
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
+) -> tuple[VAE, TrainingState]:
+    """Build the configured model (weights drawn with the training seed) and fit it; resume from the checkpoint if asked."""
+    model = build_model(config.model, seed=config.train.seed)
+    state = fit(
+        model,
+        prepared.train,
+        prepared.validation,
+        config.objective,
+        config.train,
+        callbacks=callbacks,
+        checkpoint_path=checkpoint_path,
+        resume_from=checkpoint_path if resume and checkpoint_path is not None and checkpoint_path.exists() else None,
+        metadata={"run_config": config.model_dump(mode="json"), "dataset_digest": prepared.digest},
+        progress=progress,
+    )
+    return model, state
+
+
+def evaluate(model: VAE, test: ImageSet, config: RunConfig) -> dict[str, float]:
+    """Test metrics in nats per image: the ELBO and its terms and, unless ``eval.iwae_samples`` is 0, the IWAE NLL."""
+    device = next(model.parameters()).device
+    test = test.to(device)
+    settings = config.eval
+    elbo = evaluate_elbo(model, test, config.objective, batch_size=settings.batch_size, seed=settings.seed)
+    metrics = {f"test_{name}": value for name, value in elbo.items()}
+    if settings.iwae_samples > 0:
+        bound = iwae_bound(
+            model, test, config.objective, samples=settings.iwae_samples,
+            chunk_size=settings.iwae_chunk_size, batch_size=settings.iwae_batch_size, seed=settings.seed,
+        )
+        metrics.update(test_nll_nats=bound["nll_nats"], test_bits_per_dim=bound["bits_per_dim"])
+    return metrics
+
+
+def likelihood_note(config: RunConfig) -> str:
+    """Why the nats of this run do not compare with published binarized-MNIST likelihoods, if they do not."""
+    if config.objective.likelihood == "gaussian":
+        return "a Gaussian density on grayscale pixels: not comparable with likelihoods of binary images"
+    if config.data.binarization == "none":
+        return "grayscale pixels under a Bernoulli likelihood: the ELBO and NLL are not normalized log-likelihoods"
+    return ""
