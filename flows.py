@@ -1,83 +1,126 @@
-"""The pipeline's wiring and command line: config, then data, then training, then test-set evaluation."""
+"""The pipeline's Prefect flow and command line: data, training, evaluation, pictures and registry, tracked in MLflow."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
 
-import torch
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.tasks import exponential_backoff
 
-from pipeline import data
+from pipeline import data, registry, tracking, training
 from pipeline.config import PRESETS, ConfigError, RunConfig, load_config, parse_override
-from vae.engine import NonFiniteLossError, fit, resolve_device
-from vae.evaluate import evaluate_elbo, iwae_bound
-from vae.models import build_model
+from vae.engine import resolve_device
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+SUMMARY_ARTIFACT_KEY = "vae-training-summary"
+
+# Each stage is a plain function in pipeline/; here it becomes a Prefect task. Only data preparation is cached:
+# the other tasks take models and tensors, which are neither worth hashing nor safe to skip.
+fetch_data = task(
+    data.fetch, name="fetch and verify data", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), cache_policy=NO_CACHE
+)
+prepare_data = task(
+    data.prepare_configured,
+    name="prepare data",
+    cache_policy=INPUTS + TASK_SOURCE,  # a second run with the same data settings reads the prepared sets back
+    persist_result=True,
+)
+train_model = task(training.train, name="train", cache_policy=NO_CACHE)
+evaluate_model = task(training.evaluate, name="evaluate on the test set", cache_policy=NO_CACHE)
+make_artifacts = task(tracking.log_evaluation, name="make artifacts", cache_policy=NO_CACHE)
+log_model = task(registry.log_model, name="log model", cache_policy=NO_CACHE)
+register_model = task(registry.register_version, name="register", cache_policy=NO_CACHE)
+promote_model = task(registry.assign_alias, name="promote", cache_policy=NO_CACHE)
 
 
-def train_and_evaluate(config: RunConfig, output_dir: Path, *, resume: bool = False, progress: bool | None = None) -> dict[str, Any]:
-    """Fetch and prepare the data, train, evaluate on the test set; write config, checkpoint and metrics to ``output_dir``."""
-    raw = data.load(config.data.dataset, config.data.cache_dir)
-    prepared = data.prepare(
-        raw,
-        validation_size=config.data.validation_size,
-        split_seed=config.data.split_seed,
-        binarization=config.data.binarization,
-        binarization_seed=config.data.binarization_seed,
-        train_subset=config.data.train_subset,
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a training flow run produced: where its MLflow run is, its test metrics, and the registry decision."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    metrics: dict[str, float]
+    epochs_trained: int
+    registered_model: str | None
+    version: str | None
+    alias: str | None
+    promotion_reason: str | None
+
+
+@flow(name="train-vae", log_prints=True)
+def train_flow(config: RunConfig = RunConfig()) -> TrainingOutcome:
+    """Fetch and prepare the data, train, evaluate on the test set, log pictures, register and promote the model.
+
+    Everything is tracked in one MLflow run; when any step fails the run ends FAILED with the error, and nothing
+    is registered.
+    """
+    tracking_uri = tracking.ensure_store()
+    with tracking.start_run(config, run_name=f"{config.preset}-{config.data.dataset}") as run:
+        files = fetch_data(config.data.dataset, config.data.cache_dir)
+        prepared = prepare_data(config.data, files)
+        tracking.log_dataset(prepared, config)
+        with tempfile.TemporaryDirectory() as scratch:
+            checkpoint = Path(scratch) / "checkpoint.pt"
+            model, state = train_model(config, prepared, callbacks=[tracking.MLflowCallback()], checkpoint_path=checkpoint)
+            tracking.log_checkpoint(checkpoint)
+        metrics = evaluate_model(model, prepared.test, config)
+        make_artifacts(model, prepared.test, prepared.class_names, metrics)
+        version = decision = None
+        if config.registry.enabled:
+            model_uri = log_model(model, prepared.test.pixels[:4])
+            version = register_model(model_uri, config, metrics, run.info.run_id)
+            decision = promote_model(config, metrics, version, margin=config.registry.promotion_margin_nats)
+    outcome = TrainingOutcome(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        tracking_uri=tracking_uri,
+        metrics=metrics,
+        epochs_trained=state.epoch,
+        registered_model=registry.registered_model_name(config.data.dataset) if version else None,
+        version=version,
+        alias=decision.alias if decision else None,
+        promotion_reason=decision.reason if decision else None,
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.json").write_text(config.model_dump_json(indent=2) + "\n")
-    checkpoint = output_dir / "checkpoint.pt"
-    model = build_model(config.model, seed=config.train.seed)
-    state = fit(
-        model,
-        prepared.train,
-        prepared.validation,
-        config.objective,
-        config.train,
-        checkpoint_path=checkpoint,
-        resume_from=checkpoint if resume and checkpoint.exists() else None,
-        metadata={"run_config": config.model_dump(mode="json"), "dataset_digest": raw.digest},
-        progress=progress,
-    )
-    test = prepared.test.to(state.device)
-    metrics = {f"test_{name}": value for name, value in evaluate_elbo(model, test, config.objective, batch_size=config.eval.batch_size, seed=config.eval.seed).items()}
-    if config.eval.iwae_samples > 0:
-        bound = iwae_bound(
-            model, test, config.objective, samples=config.eval.iwae_samples,
-            chunk_size=config.eval.iwae_chunk_size, batch_size=config.eval.iwae_batch_size, seed=config.eval.seed,
+    create_markdown_artifact(markdown=summary_markdown(config, outcome), key=SUMMARY_ARTIFACT_KEY, description="Test metrics, MLflow run and registry decision")
+    return outcome
+
+
+def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
+    """The flow run's report: test metrics, the MLflow run and how to open it, and the registry outcome."""
+    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in outcome.metrics.items())
+    note = training.likelihood_note(config)
+    if outcome.version is None:
+        registry_text = "Not registered (`registry.enabled` is false)."
+    else:
+        registry_text = (
+            f"Registered as **{outcome.registered_model}** version **{outcome.version}**, alias "
+            f"**{outcome.alias}**: {outcome.promotion_reason}."
         )
-        metrics.update(test_nll_nats=bound["nll_nats"], test_bits_per_dim=bound["bits_per_dim"], iwae_samples=config.eval.iwae_samples)
-    summary = {
-        "preset": config.preset,
-        "dataset": config.data.dataset,
-        "dataset_digest": raw.digest,
-        "device": str(state.device),
-        "torch_version": torch.__version__,
-        "epochs_trained": state.epoch,
-        "best_epoch": state.best_epoch,
-        "stopped_early": state.stopped_early,
-        "train_seconds": sum(state.epoch_seconds),
-        "likelihood_note": _likelihood_note(config),
-        **metrics,
-        "history": state.history,
-    }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return f"""# {config.preset} on {config.data.dataset}
 
+{outcome.epochs_trained} epochs, binarization `{config.data.binarization}`, {config.model.architecture} with latent size {config.model.latent_dim}.
 
-def _likelihood_note(config: RunConfig) -> str:
-    """Why the nats of this run do not compare with published binarized-MNIST likelihoods, if they do not."""
-    if config.objective.likelihood == "gaussian":
-        return "a Gaussian density on grayscale pixels: not comparable with likelihoods of binary images"
-    if config.data.binarization == "none":
-        return "grayscale pixels under a Bernoulli likelihood: the ELBO and NLL are not normalized log-likelihoods"
-    return ""
+| test metric | value |
+| --- | ---: |
+{rows}
+{f"{chr(10)}Note: {note}.{chr(10)}" if note else ""}
+## MLflow
+
+Run `{outcome.run_id}` in experiment `{outcome.experiment_id}` of `{outcome.tracking_uri}`.
+Open it with `python flows.py ui` and follow the experiment `vae-{config.data.dataset}`.
+
+## Registry
+
+{registry_text}
+"""
 
 
 def _config_from(args: argparse.Namespace) -> RunConfig:
@@ -87,44 +130,47 @@ def _config_from(args: argparse.Namespace) -> RunConfig:
     return load_config(args.preset, overrides, file=args.config)
 
 
-def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
-    print(f"\n{summary['preset']} on {summary['dataset']}: {summary['epochs_trained']} epochs on {summary['device']} in {summary['train_seconds']:.1f} s")
-    print(f"  test ELBO       {summary['test_elbo_nats']:9.2f} nats  (reconstruction {summary['test_reconstruction_nats']:.2f}, KL {summary['test_kl_nats']:.2f})")
-    if "test_nll_nats" in summary:
-        print(f"  test NLL (IWAE) {summary['test_nll_nats']:9.2f} nats  ({summary['test_bits_per_dim']:.4f} bits/dim, k={summary['iwae_samples']})")
-    if summary["likelihood_note"]:
-        print(f"  note            {summary['likelihood_note']}")
-    print(f"  written to      {output_dir}/ (metrics.json, checkpoint.pt, config.json)")
+def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
+    metrics = outcome.metrics
+    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
+    print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
+    if "test_nll_nats" in metrics:
+        print(f"  test NLL (IWAE) {metrics['test_nll_nats']:9.2f} nats  ({metrics['test_bits_per_dim']:.4f} bits/dim, k={config.eval.iwae_samples})")
+    if note := training.likelihood_note(config):
+        print(f"  note            {note}")
+    print(f"  MLflow run      {outcome.run_id} (experiment vae-{config.data.dataset}, store {outcome.tracking_uri})")
+    if outcome.version is not None:
+        print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
+    print("  open the UI     python flows.py ui")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flows.py", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train and evaluate a VAE (a preset plus overrides)")
-    train.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the starting config (default: %(default)s)")
-    train.add_argument("--config", type=Path, help="a TOML or JSON file of settings applied over the preset")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting, e.g. --set model.latent_dim=2 (repeatable)")
-    train.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="shortcut for --set data.dataset=...")
-    train.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=...")
-    train.add_argument("--device", help="shortcut for --set train.device=... (auto, cpu, cuda, mps)")
-    train.add_argument("--output-dir", type=Path, help="where to write (default: outputs/<preset>)")
-    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output directory")
-    args = parser.parse_args(argv)
-
+def _train(args: argparse.Namespace) -> int:
     try:
         config = _config_from(args)
         resolve_device(config.train.device)
     except (ConfigError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output_dir = args.output_dir or PROJECT_ROOT / "outputs" / config.preset
-    try:
-        summary = train_and_evaluate(config, output_dir, resume=args.resume)
-    except (data.DataError, NonFiniteLossError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    outcome = train_flow(config, return_state=True)
+    if outcome.is_failed():
+        print(f"error: the training flow failed: {outcome.message}", file=sys.stderr)
         return 1
-    _print_summary(summary, output_dir)
+    _print_outcome(config, outcome.result())
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flows.py", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run the training flow (a preset plus overrides)")
+    train.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the starting config (default: %(default)s)")
+    train.add_argument("--config", type=Path, help="a TOML or JSON file of settings applied over the preset")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting, e.g. --set model.latent_dim=2 (repeatable)")
+    train.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="shortcut for --set data.dataset=...")
+    train.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=...")
+    train.add_argument("--device", help="shortcut for --set train.device=... (auto, cpu, cuda, mps)")
+    args = parser.parse_args(argv)
+    return {"train": _train}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ class DataConfig(BaseModel):
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
 
 
+class RegistryConfig(BaseModel):
+    """Whether the trained model is registered, and by how much it must beat the champion to replace it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    promotion_margin_nats: float = Field(0.0, ge=0)
+
+
 class RunConfig(BaseModel):
     """Everything a run needs; built from a preset plus overrides and checked before any work starts."""
 
@@ -44,6 +53,7 @@ class RunConfig(BaseModel):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:

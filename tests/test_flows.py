@@ -1,55 +1,120 @@
-"""Specification of the main job's command line: train and evaluate end to end, and clear errors on bad input."""
+"""Specification of the training flow, read back through MLflow's and Prefect's clients, and of its command line."""
 
+import asyncio
 import gzip
 import json
 import os
-import re
-import shutil
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
+from mlflow import MlflowClient
 
 import flows
-from pipeline import data
+from pipeline import data, tracking
+from pipeline.config import PRESETS, load_config
 
 needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
-QUICK = ["--set", "data.train_subset=2000", "--set", "data.validation_size=1000", "--set", "eval.iwae_samples=20", "--device", "cpu"]
+pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
+
+SMALL = {
+    "data.train_subset": 600, "data.validation_size": 300, "model.hidden_dims": [64], "model.latent_dim": 2,
+    "train.batch_size": 100, "train.device": "cpu", "train.epochs": 2, "eval.iwae_samples": 4,
+}
+
+
+def small(**changes):
+    return load_config("default", SMALL | changes)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:
+    files = []
+    for info in client.list_artifacts(run_id, path):
+        files.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
+    return sorted(files)
+
+
+def aliases(name: str = "vae-mnist") -> dict[str, str]:
+    return {alias: str(version) for alias, version in MlflowClient().get_registered_model(name).aliases.items()}
+
+
+async def read_markdown_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        artifact = await client.read_latest_artifacts()
+        return next(a.data for a in artifact if a.key == key)
 
 
 @needs_mirror
-def test_train_writes_config_checkpoint_and_test_metrics(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert flows.main(["train", "--epochs", "2", "--output-dir", str(out), *QUICK]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.json"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs_trained"] == 2 and len(metrics["history"]) == 2
-    assert metrics["test_elbo_nats"] == pytest.approx(-(metrics["test_reconstruction_nats"] + metrics["test_kl_nats"]))
-    assert metrics["test_nll_nats"] <= -metrics["test_elbo_nats"] + 1.0  # the IWAE bound is tighter than the ELBO
-    assert metrics["dataset_digest"] == data.DATASETS["mnist"].digest and metrics["iwae_samples"] == 20
-    assert json.loads((out / "config.json").read_text())["data"]["train_subset"] == 2000
-    printed = capsys.readouterr().out
-    assert "test ELBO" in printed and "test NLL (IWAE)" in printed and str(out) in printed
+def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_that_samples():
+    config = small()
+    outcome = flows.train_flow(config)
+    client = MlflowClient()
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == tracking.flat_params(config)
+    for metric in ("train_loss", "train_elbo_nats", "train_reconstruction_nats", "train_kl_nats", "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats"):
+        assert [m.step for m in client.get_metric_history(outcome.run_id, metric)] == [1, 2], metric
+    assert set(outcome.metrics) == {"test_elbo_nats", "test_reconstruction_nats", "test_kl_nats", "test_nll_nats", "test_bits_per_dim"}
+    assert {name: run.data.metrics[name] for name in outcome.metrics} == pytest.approx(outcome.metrics)
+    assert run.data.tags["dataset_digest"] == data.DATASETS["mnist"].digest
+    contexts = {tag.value: json.loads(item.dataset.profile)["num_rows"] for item in run.inputs.dataset_inputs for tag in item.tags}
+    assert contexts == {"training": 600, "validation": 300, "test": 10_000}
+
+    files = artifact_paths(client, outcome.run_id)
+    assert [f for f in files if not f.startswith("images/")] == [
+        "checkpoint/checkpoint.pt", "latent_manifold.png", "latent_space.png", "loss_curves.png",
+        "reconstructions.png", "samples/samples.gif",
+    ]
+    assert sorted(f.split("+")[2] for f in files if f.startswith("images/samples+") and f.endswith(".png")) == ["1", "2"]
+
+    assert (outcome.registered_model, outcome.version, outcome.alias) == ("vae-mnist", "1", "champion")
+    version = client.get_model_version("vae-mnist", "1")
+    assert version.tags["run_id"] == outcome.run_id
+    assert float(version.tags["test_nll_nats"]) == pytest.approx(outcome.metrics["test_nll_nats"])
+    model = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
+    assert model.decode(torch.zeros(2, 2)).shape == (2, 1, 28, 28)
+
+    summary = asyncio.run(read_markdown_artifact(flows.SUMMARY_ARTIFACT_KEY))
+    assert outcome.run_id in summary and "alias **champion**" in summary and "test_nll_nats" in summary
 
 
 @needs_mirror
-def test_resume_continues_a_run_to_more_epochs(tmp_path):
-    out = tmp_path / "run"
-    assert flows.main(["train", "--epochs", "1", "--output-dir", str(out), *QUICK]) == 0
-    assert flows.main(["train", "--epochs", "2", "--resume", "--output-dir", str(out), *QUICK]) == 0
-    resumed = json.loads((out / "metrics.json").read_text())
-    fresh_out = tmp_path / "fresh"
-    assert flows.main(["train", "--epochs", "2", "--output-dir", str(fresh_out), *QUICK]) == 0
-    assert resumed["history"] == json.loads((fresh_out / "metrics.json").read_text())["history"]
+def test_a_better_model_becomes_champion_and_a_worse_one_challenger():
+    first = flows.train_flow(small(**{"train.epochs": 2}))
+    better = flows.train_flow(small(**{"train.epochs": 4}))
+    worse = flows.train_flow(small(**{"train.epochs": 1}))
+    assert first.metrics["test_nll_nats"] > better.metrics["test_nll_nats"]
+    assert worse.metrics["test_nll_nats"] > better.metrics["test_nll_nats"]
+    assert [(o.version, o.alias) for o in (first, better, worse)] == [("1", "champion"), ("2", "champion"), ("3", "challenger")]
+    assert aliases() == {"champion": "2", "challenger": "3"}
+    tags = MlflowClient().get_model_version("vae-mnist", "3").tags
+    assert tags["promotion.decision"] == "challenger" and tags["promotion.champion_version"] == "2"
+    assert "does not beat champion v2" in tags["promotion.reason"]
 
 
-def test_a_bad_config_value_fails_before_any_work_naming_the_field(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert flows.main(["train", "--set", "train.learning_rate=-0.001", "--output-dir", str(out)]) == 2
-    assert "train.learning_rate: Input should be greater than 0 (got -0.001)" in capsys.readouterr().err
-    assert not out.exists()
+@needs_mirror
+def test_the_promotion_margin_keeps_a_slightly_better_model_as_challenger():
+    flows.train_flow(small(**{"train.epochs": 3}))
+    slightly = flows.train_flow(small(**{"train.epochs": 3, "train.seed": 1, "registry.promotion_margin_nats": 1000.0}))
+    assert slightly.alias == "challenger" and "margin 1000.00" in slightly.promotion_reason
 
 
-def test_a_corrupt_download_is_reported_with_file_and_hashes_and_nothing_is_cached(tmp_path, monkeypatch, capsys):
+@needs_mirror
+def test_a_nan_loss_leaves_a_failed_run_with_the_error_and_no_registered_version():
+    config = small(**{"train.optimizer": "rmsprop", "train.learning_rate": 1e12, "train.epochs": 3})
+    state = flows.train_flow(config, return_state=True)
+    assert state.is_failed()
+    (run,) = MlflowClient().search_runs([tracking.experiment("mnist")])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("NonFiniteLossError: non-finite loss")
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_a_corrupt_data_file_leaves_a_failed_run_with_the_error_and_no_registered_version(tmp_path, monkeypatch):
     mirror = tmp_path / "mirror" / "mnist"
     mirror.mkdir(parents=True)
     for name in data.FILE_NAMES:
@@ -57,32 +122,41 @@ def test_a_corrupt_download_is_reported_with_file_and_hashes_and_nothing_is_cach
     spec = data.DATASETS["mnist"]
     monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec(spec.name, ("http://127.0.0.1:9/",), spec.sha256, spec.class_names))
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "mirror"))
-    cache = tmp_path / "cache"
-    with pytest.warns(UserWarning, match="train-images-idx3-ubyte from .*: decompressed sha256 is"):
-        code = flows.main(["train", "--epochs", "1", "--set", f"data.cache_dir={json.dumps(str(cache))}", "--output-dir", str(tmp_path / "run")])
-    error = capsys.readouterr().err
-    assert code == 1
-    assert "could not fetch train-images-idx3-ubyte" in error
-    assert f"expected {spec.sha256['train-images-idx3-ubyte']}" in error
-    assert list((cache / "mnist").iterdir()) == []
+    monkeypatch.setattr(flows, "fetch_data", flows.fetch_data.with_options(retries=0))
+    config = small(**{"data.cache_dir": str(tmp_path / "cache")})
+    with pytest.warns(UserWarning, match="decompressed sha256 is"):
+        state = flows.train_flow(config, return_state=True)
+    assert state.is_failed()
+    (run,) = MlflowClient().search_runs([tracking.experiment("mnist")])
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"].startswith("DownloadError: could not fetch train-images-idx3-ubyte")
+    error_text = Path(MlflowClient().download_artifacts(run.info.run_id, "error.txt", str(tmp_path))).read_text()
+    assert f"expected {spec.sha256['train-images-idx3-ubyte']}" in error_text
+    assert list((tmp_path / "cache" / "mnist").iterdir()) == []
+    assert MlflowClient().search_registered_models() == []
+
+
+def test_a_bad_flow_parameter_fails_before_any_task_runs():
+    state = flows.train_flow(config={"train": {"learning_rate": -1}}, return_state=True)
+    assert state.is_failed()
+    assert "learning_rate" in state.message
+    assert MlflowClient().search_runs([tracking.experiment("mnist")]) == []
+
+
+def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
+    assert flows.main(["train", "--set", "train.learning_rate=-0.001"]) == 2
+    assert "train.learning_rate: Input should be greater than 0 (got -0.001)" in capsys.readouterr().err
 
 
 @needs_mirror
-def test_a_malformed_cached_file_is_refetched_from_the_mirror(tmp_path):
-    cache = tmp_path / "cache"
-    files = data.fetch("mnist", cache)
-    shutil.copyfile(files["t10k-labels-idx1-ubyte"], tmp_path / "good")
-    files["t10k-labels-idx1-ubyte"].write_bytes(b"garbage")
-    with pytest.warns(UserWarning, match="t10k-labels-idx1-ubyte has sha256"):
-        raw = data.load("mnist", cache)
-    assert len(raw.test_labels) == 10_000
-    assert Path(files["t10k-labels-idx1-ubyte"]).read_bytes() == (tmp_path / "good").read_bytes()
-
-
-@needs_mirror
-def test_a_nan_loss_fails_the_run_naming_epoch_and_step_and_writes_no_metrics(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = flows.main(["train", "--epochs", "3", "--output-dir", str(out), *QUICK, "--set", "train.optimizer=rmsprop", "--set", "train.learning_rate=1e12"])
-    assert code == 1
-    assert re.search(r"^error: non-finite loss \((nan|inf|-inf)\) at epoch \d+, step \d+: training stopped", capsys.readouterr().err)
-    assert not (out / "metrics.json").exists()
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
+    quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
+    if PRESETS[preset]["data"].get("validation_size", 10_000):
+        quick += ["--set", "data.validation_size=500"]
+    assert flows.main(["train", "--preset", preset, *quick]) == 0
+    printed = capsys.readouterr().out
+    assert f"{preset} on {PRESETS[preset]['data']['dataset']}: 1 epochs" in printed
+    assert "registered      models:/vae-" in printed
+    (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
+    assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(load_config(preset).model.hidden_dims)
