@@ -128,7 +128,16 @@ def load_config(
     values["preset"] = preset
     if file is not None:
         _merge(values, _read_file(Path(file)))
-    for dotted, value in (overrides or {}).items():
+    return validate(_with_overrides(values, overrides or {}))
+
+
+def with_overrides(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """``config`` with dotted ``overrides`` (``{"train.epochs": 20}``) applied, validated again."""
+    return validate(_with_overrides(config.model_dump(mode="json"), overrides))
+
+
+def _with_overrides(values: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         target = values
         for part in parents:
@@ -136,7 +145,7 @@ def load_config(
             if not isinstance(target, dict):
                 raise ConfigError(f"{dotted}: {part} is not a section")
         target[leaf] = value
-    return validate(values)
+    return values
 
 
 def validate(values: Mapping[str, Any]) -> RunConfig:

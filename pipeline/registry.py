@@ -15,6 +15,7 @@ from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from torch import Tensor
 
+from pipeline import tracking
 from pipeline.config import RunConfig
 from vae.models import VAE, ServingVAE
 
@@ -39,6 +40,16 @@ class PromotionDecision:
     champion_version: str | None
     champion_value: float | None
     reason: str
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A logged model loaded back for use, with the config it was trained with and where it came from."""
+
+    model: VAE
+    config: RunConfig
+    run_id: str
+    uri: str
 
 
 def registered_model_name(dataset: str) -> str:
@@ -76,6 +87,44 @@ def log_model(model: VAE, example: Tensor) -> str:
         pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
     )
     return info.model_uri
+
+
+def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str, str]:
+    """The model URI and the id of the run that logged it, for what a person types to name a model.
+
+    ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/model``, a registered model's name (its
+    champion), or a run id (its logged model).
+    """
+    client = client or MlflowClient()
+    try:
+        if reference.startswith("models:/"):
+            name, _, version = reference.removeprefix("models:/").partition("/")
+            name, _, alias = name.partition("@")
+            if alias:
+                found = client.get_model_version_by_alias(name, alias)
+            elif version.isdigit():
+                found = client.get_model_version(name, version)
+            else:
+                raise RegistryError(f"{reference!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
+            return reference, found.run_id
+        if reference.startswith("runs:/"):
+            run_id = reference.removeprefix("runs:/").split("/", 1)[0]
+            client.get_run(run_id)
+            return reference, run_id
+        if client.search_registered_models(f"name = '{reference}'"):
+            return resolve(f"models:/{reference}@{CHAMPION}", client=client)
+        client.get_run(reference)
+        return f"runs:/{reference}/{MODEL_NAME}", reference
+    except MlflowException as error:
+        raise RegistryError(f"no model {reference!r} in {mlflow.get_tracking_uri()}: {error.message}") from None
+
+
+def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
+    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` on ``device``, with its config."""
+    uri, run_id = resolve(reference)
+    served = mlflow.pytorch.load_model(uri, map_location=device)
+    model = VAE(served.encoder, served.decoder, served.latent_dim, served.image_shape).eval()
+    return LoadedModel(model, tracking.run_config(run_id), run_id, uri)
 
 
 def register(

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from sqlalchemy.engine import make_url
 from torch import nn
 
 from pipeline import artifacts
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig, validate
 from pipeline.data import DATASETS, PreparedData
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
@@ -37,6 +38,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent  # whose git commit a run 
 MLRUNS_DIR = PROJECT_ROOT / "mlruns"  # the default store: mlflow.db and artifacts/ in here
 ERROR_TAG_CHARS = 500  # the "error" tag holds the start of the message; error.txt holds the traceback
 SAMPLES = 16  # decoded from the same z after every epoch: a 4x4 grid
+CONFIG_ARTIFACT = "config.json"  # the resolved config, from which a run is evaluated or resumed
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the latest epoch's checkpoint
+SAMPLES_KEY = "samples"  # the image series of prior samples, one per epoch
 
 # Which settings of the data section shape each split, besides the published files (their content digest).
 SPLIT_SETTINGS = {
@@ -149,20 +153,40 @@ def git_revision(root: Path) -> tuple[str, str]:
 
 @contextmanager
 def start_run(
-    config: RunConfig, *, run_name: str | None = None, tags: Mapping[str, str] | None = None
+    config: RunConfig,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run in the data set's experiment, with the config as params and :func:`run_tags` plus ``tags``.
+    """An MLflow run in the data set's experiment, with the config as params and ``config.json``, and tags.
 
-    The run ends FINISHED when the block completes. When it raises, the run ends FAILED (KILLED on Ctrl-C) with the
-    error in the "error" tag (its class and the start of its message) and its traceback in ``error.txt``, and the
-    exception propagates.
+    The tags are :func:`run_tags` plus ``tags``. With ``resume_run_id`` that run is reopened instead: params it does
+    not have yet are added (MLflow keeps a param's first value; changed values go to the "resumed_with_changes" tag),
+    ``config.json`` is replaced by ``config`` and the "resumed" tag counts the resumptions. The run ends FINISHED when the block completes. When it raises, the run ends
+    FAILED (KILLED on Ctrl-C) with the error in the "error" tag (its class and the start of its message) and its
+    traceback in ``error.txt``, and the exception propagates.
     """
     ensure_store()
-    run = mlflow.start_run(
-        experiment_id=experiment(config.data.dataset), run_name=run_name, tags={**run_tags(config), **(tags or {})}
-    )
+    all_tags = {**run_tags(config), **(tags or {})}
+    params = flat_params(config)
+    if resume_run_id is None:
+        run = mlflow.start_run(experiment_id=experiment(config.data.dataset), run_name=run_name, tags=all_tags)
+    else:
+        previous = mlflow.MlflowClient().get_run(resume_run_id)
+        run = mlflow.start_run(run_id=resume_run_id)
+        logged = previous.data.params
+        changes = [f"{key}: {logged[key]} -> {value}" for key, value in params.items() if logged.get(key, value) != value]
+        params = {key: value for key, value in params.items() if key not in logged}
+        all_tags["resumed"] = str(int(previous.data.tags.get("resumed", "0")) + 1)
+        if changes:
+            all_tags["resumed_with_changes"] = "; ".join(changes)
+        if "error" in previous.data.tags:  # the error that interrupted it is history now (error.txt stays)
+            mlflow.delete_tag("error")
+        mlflow.set_tags(all_tags)
     try:
-        mlflow.log_params(flat_params(config))
+        mlflow.log_params(params)
+        mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
         yield run
     except BaseException as error:
         _record_error(error)
@@ -170,6 +194,24 @@ def start_run(
         mlflow.end_run(RunStatus.to_string(status))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def run_config(run_id: str) -> RunConfig:
+    """The resolved config a run was trained with, read back from its ``config.json``."""
+    try:
+        values = mlflow.artifacts.load_dict(f"runs:/{run_id}/{CONFIG_ARTIFACT}")
+    except MlflowException as error:
+        raise ConfigError(f"run {run_id} has no readable {CONFIG_ARTIFACT} ({error.message})") from None
+    return validate(values)
+
+
+def download_checkpoint(run_id: str, directory: Path) -> Path:
+    """The latest training checkpoint of a run (see :class:`MLflowCallback`), downloaded into ``directory``."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(directory))
+    except MlflowException as error:
+        raise FileNotFoundError(f"run {run_id} has no checkpoint to resume from ({error.message})") from None
+    return Path(local)
 
 
 def _record_error(error: BaseException) -> None:
@@ -223,28 +265,33 @@ def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
 
 
 class MLflowCallback(Callback):
-    """Logs each epoch's metrics and a grid of samples decoded from the same z; at the end their GIF and loss curves.
+    """Logs each epoch's metrics, a grid of samples decoded from the same z and the checkpoint; at the end the grids'
+    GIF and the loss curves.
 
-    Metrics go to the active run at step = epoch, the grids as the "samples" image series (one per step). The device
-    training runs on becomes the "device" tag.
+    Metrics go to the active run at step = epoch, the grids as the "samples" image series (one per step), the
+    checkpoint (when the engine writes one, at ``checkpoint_path``) to ``checkpoint/checkpoint.pt``, replacing the
+    previous epoch's, so that an interrupted run can be resumed from wherever its artifacts are. A resumed run's GIF
+    starts from the grids its earlier epochs logged. The device training runs on becomes the "device" tag.
     """
 
-    def __init__(self, *, samples: int = SAMPLES, seed: int = 0):
-        self.samples, self.seed = samples, seed
+    def __init__(self, *, checkpoint_path: Path | None = None, samples: int = SAMPLES, seed: int = 0):
+        self.checkpoint_path, self.samples, self.seed = checkpoint_path, samples, seed
         self.z = None
         self.frames: list[tuple[int, Image.Image]] = []
 
     def on_fit_start(self, state: TrainingState) -> None:
         self.z = artifacts.fixed_latents(self.samples, state.model.latent_dim, self.seed)
-        self.frames = []
+        self.frames = _logged_frames(mlflow.active_run().info.run_id, state.epoch) if state.epoch else []
         mlflow.set_tag("device", str(state.device))
 
     def on_epoch_end(self, state: TrainingState) -> None:
         mlflow.log_metrics({**state.history[-1], "epoch_seconds": state.epoch_seconds[-1]}, step=state.epoch)
         grid = artifacts.prior_samples(state.model, self.z)
         # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
-        mlflow.log_image(grid, key="samples", step=state.epoch, synchronous=True)
+        mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
         self.frames.append((state.epoch, grid))
+        if self.checkpoint_path is not None and Path(self.checkpoint_path).exists():
+            mlflow.log_artifact(str(self.checkpoint_path), artifact_path=os.path.dirname(CHECKPOINT_ARTIFACT))
 
     def on_fit_end(self, state: TrainingState) -> None:
         if self.frames:
@@ -253,6 +300,22 @@ class MLflowCallback(Callback):
             _log_bytes(gif, "samples/samples.gif")
         if state.history:
             mlflow.log_image(artifacts.loss_curves(state.history), artifact_file="loss_curves.png")
+
+
+def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]]:
+    """The sample grids a run logged for epochs 1 to ``last_epoch`` (the latest one of each epoch), in order."""
+    client = mlflow.MlflowClient()
+    latest: dict[int, str] = {}
+    for info in client.list_artifacts(run_id, "images"):  # images/samples+step+<n>+timestamp+<ms>+<uuid>.png
+        parts = os.path.basename(info.path).split("+")
+        if info.path.endswith(".png") and parts[0] == SAMPLES_KEY and parts[1] == "step" and int(parts[2]) <= last_epoch:
+            latest[int(parts[2])] = max(latest.get(int(parts[2]), ""), info.path)
+    with tempfile.TemporaryDirectory() as scratch:
+        frames = []
+        for epoch, path in sorted(latest.items()):
+            with Image.open(client.download_artifacts(run_id, path, scratch)) as image:
+                frames.append((epoch, image.copy()))
+    return frames
 
 
 def log_evaluation(
@@ -267,9 +330,13 @@ def log_evaluation(
         mlflow.log_image(artifacts.latent_manifold(model), artifact_file="latent_manifold.png")
 
 
-def log_checkpoint(path: Path) -> None:
-    """The training checkpoint (model, optimizer, epoch, RNG states) as ``checkpoint/checkpoint.pt``."""
-    mlflow.log_artifact(str(path), artifact_path="checkpoint")
+def ui_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    """The ``mlflow ui`` command line that serves a local store; experiments made in the UI keep artifacts beside it."""
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port)]
+    database = _sqlite_path(tracking_uri)
+    if database is not None:
+        command += ["--default-artifact-root", _artifact_root(database).as_uri()]
+    return command
 
 
 def _log_bytes(data: bytes, artifact_file: str) -> None:

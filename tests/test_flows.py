@@ -65,10 +65,11 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
 
     files = artifact_paths(client, outcome.run_id)
     assert [f for f in files if not f.startswith("images/")] == [
-        "checkpoint/checkpoint.pt", "latent_manifold.png", "latent_space.png", "loss_curves.png",
+        "checkpoint/checkpoint.pt", "config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png",
         "reconstructions.png", "samples/samples.gif",
     ]
     assert sorted(f.split("+")[2] for f in files if f.startswith("images/samples+") and f.endswith(".png")) == ["1", "2"]
+    assert tracking.run_config(outcome.run_id) == config
 
     assert (outcome.registered_model, outcome.version, outcome.alias) == ("vae-mnist", "1", "champion")
     version = client.get_model_version("vae-mnist", "1")

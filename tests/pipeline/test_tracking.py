@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import sqlite3
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -137,23 +138,35 @@ def test_ensure_store_is_idempotent_and_sets_the_tracking_uri(store):
     assert [e.name for e in MlflowClient().search_experiments()] == ["Default"]
 
 
-def _ensure_after(barrier, uri: str) -> None:
-    barrier.wait()
-    ensure_store(uri)
-    MlflowClient(uri).create_experiment(f"made-by-{multiprocessing.current_process().name}")
+# Each worker is a fresh interpreter (forking a test process that runs threads is unsafe): it imports everything,
+# then waits for the go file, so that both create the store at the same moment.
+WORKER = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from pipeline.tracking import ensure_store
+uri, go, name = sys.argv[1:]
+Path(go + "." + name).touch()
+while not Path(go).exists():
+    time.sleep(0.001)
+ensure_store(uri)
+MlflowClient(uri).create_experiment("made-by-" + name)
+"""
 
 
 def test_two_processes_creating_the_same_new_store_at_once_both_succeed(tmp_path):
     database = tmp_path / "fresh" / "mlflow.db"
     uri = f"sqlite:///{database}"
-    context = multiprocessing.get_context("fork")
-    barrier = context.Barrier(2)
-    workers = [context.Process(target=_ensure_after, args=(barrier, uri), name=f"worker-{i}") for i in range(2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(timeout=120)
-    assert [worker.exitcode for worker in workers] == [0, 0]
+    go = tmp_path / "go"
+    workers = [
+        subprocess.Popen([sys.executable, "-c", WORKER, uri, str(go), f"worker-{i}"], cwd=PROJECT_ROOT, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    while not all(Path(f"{go}.worker-{i}").exists() or workers[i].poll() is not None for i in range(2)):
+        time.sleep(0.01)
+    go.touch()
+    errors = [worker.communicate(timeout=120)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], errors
     assert database.with_name("mlflow.db.lock").exists()
     with sqlite3.connect(database) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
@@ -231,7 +244,7 @@ def test_an_error_inside_the_run_fails_it_records_the_error_and_propagates(store
     failed = client.get_run(run.info.run_id)
     assert failed.info.status == "FAILED"
     assert failed.data.tags["error"] == ("ValueError: learning rate too high " + "!" * 1000)[:500]
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["error.txt"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.json", "error.txt"]
     text = Path(client.download_artifacts(run.info.run_id, "error.txt", str(tmp_path))).read_text()
     assert text.startswith("Traceback (most recent call last):")
     assert "ValueError: learning rate too high" in text
@@ -305,7 +318,7 @@ def test_images_of_a_run_with_a_2d_latent(finished_run):
     files = artifact_paths(client, run_id)
     series = [path for path in files if path.startswith("images/")]
     assert [path for path in files if not path.startswith("images/")] == [
-        "latent_manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif",
+        "config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif",
     ]
     # MLflow names the files of an image series images/<key>+step+<step>+timestamp+<ms>+<uuid>[+compressed].<ext>
     steps = sorted(path.split("+")[2] for path in series if path.endswith(".png"))
@@ -325,4 +338,4 @@ def test_samples_gif_has_one_frame_per_epoch(finished_run, tmp_path):
 def test_a_larger_latent_gets_no_manifold_and_leaves_the_working_directory_clean(store):
     run_id = train_and_log(tiny_config(latent_dim=5))
     files = [path for path in artifact_paths(MlflowClient(), run_id) if not path.startswith("images/")]
-    assert files == ["latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif"]
+    assert files == ["config.json", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif"]
