@@ -333,6 +333,7 @@ def log_evaluation(
 def ui_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     """The ``mlflow ui`` command line that serves a local store; experiments made in the UI keep artifacts beside it."""
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", host, "--port", str(port)]
+    command += ["--workers", "1"]  # one person browsing: starts in a quarter of the time of the default 4
     database = _sqlite_path(tracking_uri)
     if database is not None:
         command += ["--default-artifact-root", _artifact_root(database).as_uri()]

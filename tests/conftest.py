@@ -2,8 +2,15 @@
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,3 +73,69 @@ def mlflow_store(mlflow_template: Path, tmp_path: Path, monkeypatch: pytest.Monk
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+# --- real servers, started as users start them ----------------------------------------------------------------------
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def running(
+    command: Sequence[str],
+    *,
+    ready_url: str,
+    log: Path,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 180.0,
+) -> Iterator[subprocess.Popen]:
+    """``command`` running in a session of its own (from the project root, output to ``log``) until the block ends.
+
+    Waits until ``ready_url`` answers an HTTP GET with a 2xx status; fails the test with the end of the log if the
+    process exits first or ``timeout`` seconds pass. At the end the whole process group gets SIGTERM, then SIGKILL.
+    """
+    with open(log, "w") as output:
+        process = subprocess.Popen(
+            list(command), cwd=PROJECT_ROOT, env={**os.environ, **(env or {})},
+            stdout=output, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(ready_url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready after {timeout} s"
+                pytest.fail(f"{' '.join(command)}: {why}; end of its log:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield process
+    finally:
+        _stop_group(process)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return 200 <= response.status < 300
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the group, up to 20 s for its leader to exit, then SIGKILL to whatever of the group is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        if sig == signal.SIGTERM:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+    process.wait()
