@@ -231,6 +231,7 @@ def _fail(error: BaseException, code: int) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads here are a few small files
     parser = argparse.ArgumentParser(prog="flows.py", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 
 import flows
 from pipeline import data, tracking
@@ -161,3 +162,96 @@ def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     assert "registered      models:/vae-" in printed
     (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
     assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(load_config(preset).model.hidden_dims)
+
+
+async def prepare_task_states(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="prepare data")),
+        )
+        return [run.state.name for run in runs]
+
+
+@needs_mirror
+def test_a_second_run_with_the_same_data_settings_reads_the_prepared_data_from_the_cache():
+    config = small(**{"data.split_seed": 12345})  # data settings no other test uses
+    first = flows.train_flow(config, return_state=True)
+    second = flows.train_flow(small(**{"data.split_seed": 12345, "train.seed": 7}), return_state=True)
+    assert asyncio.run(prepare_task_states(first.state_details.flow_run_id)) == ["Completed"]
+    assert asyncio.run(prepare_task_states(second.state_details.flow_run_id)) == ["Cached"]
+    other = flows.train_flow(small(**{"data.split_seed": 12346}), return_state=True)
+    assert asyncio.run(prepare_task_states(other.state_details.flow_run_id)) == ["Completed"]
+
+
+class PowerCut(Exception):
+    """Stands for whatever stops a run half-way: a crash, a killed job, a lost machine."""
+
+
+@needs_mirror
+def test_an_interrupted_run_resumes_in_the_same_mlflow_run_to_the_result_of_an_uninterrupted_one(monkeypatch, tmp_path):
+    config = small(**{"train.epochs": 4})
+    uninterrupted = flows.train_flow(config)
+
+    log_epoch = tracking.MLflowCallback.on_epoch_end
+
+    def cut_after_epoch_2(callback, state):
+        log_epoch(callback, state)  # the epoch's metrics, samples and checkpoint reach MLflow, then the power goes
+        if state.epoch == 2:
+            raise PowerCut("power cut after epoch 2")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking.MLflowCallback, "on_epoch_end", cut_after_epoch_2)
+        state = flows.train_flow(config, return_state=True)
+    assert state.is_failed()
+    client = MlflowClient()
+    (interrupted,) = [r for r in client.search_runs([tracking.experiment("mnist")]) if r.info.status == "FAILED"]
+    assert interrupted.data.tags["error"] == "PowerCut: power cut after epoch 2"
+
+    resumed = flows.train_flow(tracking.run_config(interrupted.info.run_id), resume_run_id=interrupted.info.run_id)
+    assert resumed.run_id == interrupted.info.run_id
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "1" and "error" not in run.data.tags
+    assert [m.step for m in client.get_metric_history(resumed.run_id, "train_elbo_nats")] == [1, 2, 3, 4]
+    assert resumed.metrics == uninterrupted.metrics  # bit-identical training, so identical test metrics
+    assert resumed.version == "2" and client.get_model_version("vae-mnist", "2").run_id == resumed.run_id
+    gif = Path(client.download_artifacts(resumed.run_id, "samples/samples.gif", str(tmp_path)))
+    with Image.open(gif) as frames:
+        assert frames.n_frames == 4
+
+
+def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):
+    assert flows.main(["train", "--resume", "0123456789abcdef"]) == 2
+    assert "run 0123456789abcdef has no readable config.json" in capsys.readouterr().err
+
+
+@needs_mirror
+def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsys):
+    first = flows.train_flow(small(**{"train.epochs": 3}))
+    second = flows.train_flow(small(**{"train.epochs": 1}))
+    assert (first.alias, second.alias) == ("champion", "challenger")
+    capsys.readouterr()
+
+    assert flows.main(["evaluate", "models:/vae-mnist@champion", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["run_id"] == first.run_id
+    assert {name: evaluated[name] for name in first.metrics} == first.metrics  # same weights, data and seed
+    assert flows.main(["evaluate", second.run_id, "--iwae-samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert f"runs:/{second.run_id}/model" in printed and "k=8" in printed
+
+    picture = tmp_path / "samples.png"
+    assert flows.main(["generate", "vae-mnist", "-n", "10", "-o", str(picture)]) == 0
+    with Image.open(picture) as image:
+        assert image.size == (((28 + 2) * 4 + 2) * 2, ((28 + 2) * 3 + 2) * 2)  # 10 images: 3 rows of 4
+
+    assert flows.main(["promote", "vae-mnist", "2", "--reason", "sharper samples"]) == 0
+    assert aliases() == {"champion": "2"}
+    assert MlflowClient().get_model_version("vae-mnist", "2").tags["promoted_by_hand"] == "sharper samples"
+    assert flows.main(["promote", "vae-mnist", "9", "--reason", "typo"]) == 1
+    assert "registered model 'vae-mnist' has no version 9 (its versions: 1, 2)" in capsys.readouterr().err
+    assert flows.main(["evaluate", "models:/vae-fashion-mnist@champion"]) == 1
+    assert "no model 'models:/vae-fashion-mnist@champion'" in capsys.readouterr().err
