@@ -1,5 +1,7 @@
 """Specification of ImageSet and binarize: how batches are drawn under each binarization."""
 
+import pickle
+
 import pytest
 import torch
 
@@ -58,3 +60,19 @@ def test_malformed_image_sets_are_rejected():
         ImageSet(torch.zeros(2, 1, 28, 28), torch.zeros(3))
     with pytest.raises(ValueError, match="unknown binarization 'otsu'"):
         binarize(PIXELS, LABELS, "otsu")
+
+
+@pytest.mark.parametrize("mode", ["none", "threshold", "static", "dynamic"])
+def test_an_image_set_of_idx_images_pickles_as_bytes_and_comes_back_bit_identical(mode):
+    pixels = torch.randint(0, 256, (50, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = binarize(pixels, torch.arange(50) % 10, mode, seed=3)
+    restored = pickle.loads(pickle.dumps(images))
+    assert torch.equal(restored.pixels, images.pixels) and restored.pixels.dtype == torch.float32
+    assert torch.equal(restored.labels, images.labels) and restored.resample == images.resample
+    assert len(pickle.dumps(images)) < images.pixels.numel() * 1.1  # about a byte a pixel, not four
+
+
+def test_an_image_set_of_arbitrary_floats_pickles_as_float32():
+    images = ImageSet(torch.rand(5, 1, 4, 4, generator=torch.Generator().manual_seed(0)), torch.zeros(5, dtype=torch.long))
+    restored = pickle.loads(pickle.dumps(images))
+    assert torch.equal(restored.pixels, images.pixels)
