@@ -1,11 +1,15 @@
-# make run: set up .venv and run the main job; make test: set up .venv and run the tests.
+# make run: set up .venv and run the main job; make test: set up .venv and the browser, and run the tests.
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch run`.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: install run test bench clean
+# Debian's headless Chromium and its WebDriver, for the browser test of the MLflow UI (tests/test_ui_browser.py).
+BROWSER_PACKAGES := chromium chromium-driver fonts-liberation
+APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600
+
+.PHONY: install browser run test bench clean
 
 install: $(VENV)/.installed
 
@@ -16,10 +20,30 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
+# Installs the browser with apt-get when /usr/bin/chromium or /usr/bin/chromedriver is missing (needs root; CI is).
+# apt-get's output is shown only when the install fails (a source that fails to update may not matter).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "error: the browser test needs Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)." >&2; \
+	    echo "       Install them as root: run 'make browser' as root, or 'sudo apt-get install $(BROWSER_PACKAGES)'." >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "Installing $(BROWSER_PACKAGES) with apt-get, for the browser test..."; \
+	  log=$$(mktemp); \
+	  if ! { $(APT_GET) update; $(APT_GET) install -y --no-install-recommends $(BROWSER_PACKAGES); } >$$log 2>&1; then \
+	    tail -n 40 $$log >&2; rm -f $$log; \
+	    echo "error: apt-get could not install $(BROWSER_PACKAGES) (the end of its output is above)" >&2; \
+	    exit 1; \
+	  fi; \
+	  rm -f $$log; \
+	  echo "Installed $$(/usr/bin/chromium --version 2>/dev/null) and $$(/usr/bin/chromedriver --version | cut -d' ' -f1-2)."; \
+	fi
+
 run: install
 	$(BIN)/python flows.py train $(ARGS)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install
