@@ -1,4 +1,4 @@
-"""The training loop: data on the device, batches by index, per-epoch callbacks and checkpoints, exact resume."""
+"""The training loop: data on the device, batches by index, per-epoch callbacks and checkpoints, exact resume, DDP."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from vae.config import ObjectiveConfig, TrainConfig
@@ -35,6 +37,9 @@ class NonFiniteLossError(RuntimeError):
             "lower the learning rate, clip gradients (grad_clip_norm) or check the data"
         )
         self.epoch, self.step, self.value = epoch, step, value
+
+    def __reduce__(self):  # pickled with its own arguments, so that it crosses process boundaries (Dask, torchrun)
+        return type(self), (self.epoch, self.step, self.value)
 
 
 @dataclass
@@ -82,6 +87,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+@contextlib.contextmanager
+def process_group() -> Iterator[tuple[int, int]]:
+    """Join the processes torchrun started and yield (rank, world size); without torchrun yield (0, 1), no group.
+
+    torchrun describes the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With CUDA the backend
+    is NCCL and process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        yield 0, 1
+        return
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        dist.init_process_group("gloo")
+    try:
+        yield dist.get_rank(), world_size
+    finally:
+        dist.destroy_process_group()
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         # The fused kernel updates all parameters in one pass: on a CPU about 10x faster than the default loop.
@@ -111,8 +139,21 @@ def fit(
     from its checkpoint and ends with the same parameters as an uninterrupted run. With early stopping the
     parameters of the best validation epoch are restored at the end. ``metadata`` (plain values) is stored in the
     checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`.
+
+    In a torch.distributed process group (see :func:`process_group`) every process calls ``fit`` with the same data
+    and settings and trains with DistributedDataParallel on its contiguous shard of every batch. Every process draws
+    the random numbers of the whole batch (shuffle, binarization, reparameterization noise) and keeps its shard's
+    rows, so the run ends with the parameters of one process training on the same batches, up to float rounding.
+    The history holds the metrics of the whole batches, all processes stop at the same NaN, rank 0 computes the
+    validation ELBO and shares it, and only rank 0 writes the checkpoint, shows progress and calls the callbacks.
+    ``resume_from`` must then name the same checkpoint on every process.
     """
+    rank, world_size = _rank_and_world_size()
     device = resolve_device(config.device)
+    if world_size > 1:
+        backend, expected = dist.get_backend(), "cuda" if dist.get_backend() == "nccl" else "cpu"
+        if device.type != expected:
+            raise ValueError(f"device {str(device)!r} cannot train in a {backend} process group: use {expected}")
     model.to(device)
     train = train.to(device)
     validation = validation.to(device) if validation is not None else None
@@ -123,10 +164,11 @@ def fit(
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
     if resume_from is not None:
         _restore(state, Path(resume_from), shuffle_generator, noise_generator)
-    step_model = torch.compile(model) if config.compile else model
+    step_model = DistributedDataParallel(model) if world_size > 1 else model
+    step_model = torch.compile(step_model) if config.compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
-    show_progress = sys.stderr.isatty() if progress is None else progress
-    callbacks = list(callbacks)
+    show_progress = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
+    callbacks = list(callbacks) if rank == 0 else []
 
     for callback in callbacks:
         callback.on_fit_start(state)
@@ -136,14 +178,16 @@ def fit(
         started = time.perf_counter()
         metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
         state.epoch_seconds.append(time.perf_counter() - started)
-        if validation is not None:
-            val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            metrics.update({f"val_{name}": value for name, value in val.items()})
+        if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
+            val = None
+            if rank == 0:
+                val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
+            metrics.update({f"val_{name}": value for name, value in _from_rank_0(val).items()})
         state.epoch = epoch
         state.history.append(metrics)
         if validation is not None:
             _track_best(state, metrics["val_elbo_nats"])
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and rank == 0:
             save_checkpoint(Path(checkpoint_path), state, shuffle_generator, noise_generator, metadata)
         for callback in callbacks:
             callback.on_epoch_end(state)
@@ -165,22 +209,32 @@ def _train_epoch(
     show_progress: bool,
 ) -> dict[str, float]:
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
+    rank, world_size = _rank_and_world_size()
     n = len(train)
     steps = math.ceil(n / config.batch_size)
     order = torch.randperm(n, generator=shuffle_generator).to(state.device)
     losses = torch.empty(steps, device=state.device)
     totals = torch.zeros(2, device=state.device)  # summed reconstruction and KL, nats
     weighted_kl = 0.0
+    checked = 0  # how many steps' losses have been checked (and, with several processes, averaged over them)
     model.train()
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=not show_progress)
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
         x = train.batch(index, noise_generator)
+        eps = None
+        if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
+            rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
+            eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
+            x = x[rows]
         with autocast:
-            output = step_model(x, generator=noise_generator)
+            output = step_model(x, generator=noise_generator, eps=eps)
         terms = elbo_terms(x, output, objective)
         weight = kl_weight(objective, epoch - 1 + step / steps)
-        loss = (terms.reconstruction + weight * terms.kl).mean()
+        # DDP averages the gradients of the processes; each one's sum weighted by world_size / batch size makes that
+        # the gradient of the mean over the whole batch, also when the shards differ by an image (the last batch).
+        # In one process this is the batch mean, bit for bit.
+        loss = (terms.reconstruction + weight * terms.kl).sum() / (len(index) / world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
@@ -190,11 +244,13 @@ def _train_epoch(
         totals += torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
         weighted_kl += weight * len(index)
         if (step + 1) % CHECK_EVERY_STEPS == 0 or step + 1 == steps:
+            _sum_over_processes(losses[checked : step + 1]).div_(world_size)
+            checked = step + 1
             _check_finite(losses[: step + 1], epoch)
             bar.set_postfix(loss=f"{losses[step].item():.2f}", refresh=False)
             bar.update(step + 1 - bar.n)
     bar.close()
-    reconstruction, kl = (totals / n).tolist()
+    reconstruction, kl = (_sum_over_processes(totals) / n).tolist()
     return {
         "train_loss": losses.mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
@@ -202,6 +258,29 @@ def _train_epoch(
         "train_kl_nats": kl,
         "kl_weight": weighted_kl / n,
     }
+
+
+def _rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes training together: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_over_processes(values: Tensor) -> Tensor:
+    """``values``, summed in place over the processes training together (as they are in a single process)."""
+    if _rank_and_world_size()[1] > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def _from_rank_0(value: Any) -> Any:
+    """``value`` as rank 0 has it, on every process (as it is in a single process)."""
+    if _rank_and_world_size()[1] == 1:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:

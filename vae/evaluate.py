@@ -126,7 +126,10 @@ class _BlockNoise:
 
 def _mean_metric(device: torch.device) -> MeanMetric:
     # nan_strategy="disable": no per-batch isnan check (a host sync); a NaN then shows in the result instead.
-    metric = MeanMetric(nan_strategy="disable").to(device)
+    # sync_on_compute=False: the mean of this process's data; in a torch.distributed process group torchmetrics would
+    # otherwise gather every process's state, and wait forever for processes that do not evaluate (under torchrun
+    # only rank 0 does).
+    metric = MeanMetric(nan_strategy="disable", sync_on_compute=False).to(device)
     # Sum in float64 where the device has it (MPS does not).
     return metric.set_dtype(torch.float32 if device.type == "mps" else torch.float64)
 

@@ -40,13 +40,20 @@ class VAE(nn.Module):
         """Pixel logits of p(x|z), shape [N, C, H, W] (the mean image is their sigmoid)."""
         return self.decoder(z)
 
-    def reparameterize(self, mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    def reparameterize(
+        self, mu: Tensor, logvar: Tensor, generator: torch.Generator | None = None, eps: Tensor | None = None
+    ) -> Tensor:
+        """z = mu + eps * sigma, with eps ~ N(0, I) drawn with ``generator`` unless ``eps`` is given."""
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        elif eps.shape != mu.shape:
+            raise ValueError(f"eps must have the posterior mean's shape {tuple(mu.shape)}, got {tuple(eps.shape)}")
         return mu + eps * torch.exp(0.5 * logvar)
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, eps: Tensor | None = None) -> VAEOutput:
+        """Encode, sample z (with noise ``eps`` when given, else drawn with ``generator``) and decode."""
         mu, logvar = self.encode(x)
-        z = self.reparameterize(mu, logvar, generator)
+        z = self.reparameterize(mu, logvar, generator, eps)
         return VAEOutput(self.decode(z), mu, logvar, z)
 
     @torch.no_grad()

@@ -1,13 +1,18 @@
-"""Specification of the training engine: determinism, exact resume, checkpoints, NaN stops, early stopping."""
+"""Specification of the training engine: determinism, exact resume, checkpoints, NaN stops, early stopping, DDP."""
 
 import math
+import os
+import pickle
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+from tests.conftest import free_port
 from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
 from vae.data import ImageSet, binarize
-from vae.engine import Callback, NonFiniteLossError, fit, load_checkpoint, resolve_device
+from vae.engine import Callback, NonFiniteLossError, fit, load_checkpoint, process_group, resolve_device
 from vae.models import build_model
 
 MODEL = ModelConfig(architecture="mlp", hidden_dims=(32,), latent_dim=4)
@@ -124,6 +129,8 @@ def test_a_nan_loss_stops_training_naming_epoch_and_step_and_keeps_the_last_good
         run(train_config(), checkpoint_path=checkpoint, callbacks=[Poison()])
     assert (error.value.epoch, error.value.step) == (2, 1)
     assert load_checkpoint(checkpoint)["epoch"] == 1
+    again = pickle.loads(pickle.dumps(error.value))  # as it comes back from another process
+    assert (type(again), str(again), again.epoch, again.step) == (NonFiniteLossError, str(error.value), 2, 1)
 
 
 def test_an_exploding_learning_rate_is_reported_at_its_first_bad_step():
@@ -205,3 +212,105 @@ def test_torch_compile_trains_to_the_losses_of_eager_mode():
     for a, b in zip(eager.history, compiled.history):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["val_elbo_nats"] == pytest.approx(a["val_elbo_nats"], rel=1e-4)
+
+
+# --- several processes: DistributedDataParallel over Gloo, in fresh processes joined as torchrun joins them ----------
+
+ODD_TRAIN = images(235, 2)  # batches of 64, 64, 64 and 43 images: the last one splits into shards of 21 and 22
+MONTE_CARLO = ObjectiveConfig(kl="monte_carlo")  # the reparameterization noise enters the KL term as well
+
+
+def in_process_group(rank: int, world_size: int, port: int, work, directory: Path) -> None:
+    """``work(rank, directory)`` in process ``rank`` of a group joined by :func:`process_group`, as under torchrun."""
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    with process_group() as (group_rank, group_size):
+        assert (group_rank, group_size) == (rank, world_size)
+        work(rank, directory)
+
+
+def run_in_two_processes(work, directory: Path, timeout: float = 180.0) -> dict[int, dict]:
+    """What ``work`` saved in each of two processes; fails the test if they are not done after ``timeout`` seconds."""
+    context = torch.multiprocessing.start_processes(
+        in_process_group, args=(2, free_port(), work, directory), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"two processes still running after {timeout} s: one waits in a collective the other skips")
+    return {rank: torch.load(directory / f"rank{rank}.pt") for rank in range(2)}
+
+
+def fit_and_save(rank: int, directory: Path) -> None:
+    calls = []
+
+    class Record(Callback):
+        def on_fit_start(self, state):
+            calls.append("start")
+
+        def on_epoch_end(self, state):
+            calls.append(f"epoch {state.epoch}")
+
+        def on_fit_end(self, state):
+            calls.append("end")
+
+    checkpoint = directory / f"checkpoint{rank}.pt"
+    model = build_model(MODEL, seed=3)
+    config = train_config(epochs=2)
+    state = fit(model, ODD_TRAIN, VALIDATION, MONTE_CARLO, config, callbacks=[Record()], checkpoint_path=checkpoint)
+    saved = {"parameters": model.state_dict(), "history": state.history, "callbacks": calls}
+    torch.save(saved | {"checkpoint": checkpoint.exists()}, directory / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[int, dict]:
+    """Two processes fitting ODD_TRAIN (dynamic binarization, Monte Carlo KL) for 2 epochs: what each one ended with."""
+    return run_in_two_processes(fit_and_save, tmp_path_factory.mktemp("two-processes"))
+
+
+def test_two_processes_end_with_the_parameters_and_metrics_of_one_process_training_on_the_same_batches(two_processes):
+    model = build_model(MODEL, seed=3)
+    state = fit(model, ODD_TRAIN, VALIDATION, MONTE_CARLO, train_config(epochs=2), progress=False)
+    for rank in (0, 1):
+        # The same numbers summed in another order (shards, then across processes): float32 rounding, no more.
+        torch.testing.assert_close(two_processes[rank]["parameters"], model.state_dict(), rtol=1e-5, atol=1e-6)
+        assert len(two_processes[rank]["history"]) == 2
+        for shared, alone in zip(two_processes[rank]["history"], state.history):
+            assert shared == pytest.approx(alone, rel=1e-6)
+
+
+def test_every_process_ends_with_the_same_parameters_and_history(two_processes):
+    for name, value in two_processes[0]["parameters"].items():
+        assert torch.equal(two_processes[1]["parameters"][name], value), name
+    assert two_processes[1]["history"] == two_processes[0]["history"]
+
+
+def test_only_rank_0_calls_the_callbacks_and_writes_the_checkpoint(two_processes):
+    assert two_processes[0]["callbacks"] == ["start", "epoch 1", "epoch 2", "end"]
+    assert two_processes[1]["callbacks"] == []
+    assert (two_processes[0]["checkpoint"], two_processes[1]["checkpoint"]) == (True, False)
+
+
+def fit_with_a_nan_on_rank_0(rank: int, directory: Path) -> None:
+    class PoisonRank0(Callback):  # callbacks run on rank 0 only: rank 1's parameters stay finite
+        def on_epoch_end(self, state):
+            if state.epoch == 1:
+                with torch.no_grad():
+                    state.model.decoder[-2].bias.fill_(math.nan)
+
+    model = build_model(MODEL, seed=3)
+    config = train_config(batch_size=len(TRAIN))  # one step per epoch: rank 1's own loss is finite all through epoch 2
+    try:
+        fit(model, TRAIN, VALIDATION, OBJECTIVE, config, callbacks=[PoisonRank0()])
+        stopped = None
+    except NonFiniteLossError as error:
+        stopped = (error.epoch, error.step)
+    torch.save({"stopped": stopped}, directory / f"rank{rank}.pt")
+
+
+def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step(tmp_path):
+    ranks = run_in_two_processes(fit_with_a_nan_on_rank_0, tmp_path)
+    assert (ranks[0]["stopped"], ranks[1]["stopped"]) == ((2, 1), (2, 1))

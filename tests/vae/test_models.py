@@ -70,6 +70,24 @@ def test_reparameterization_draws_from_the_posterior_with_the_given_generator():
     torch.testing.assert_close(z.std(0), torch.tensor([0.5, 2.0, 1.0]), atol=0.02, rtol=0)
 
 
+def test_noise_given_as_eps_replaces_the_draw_so_a_shard_of_a_batch_gets_its_rows_of_the_batch_noise():
+    model = build_model(ModelConfig(hidden_dims=(32,), latent_dim=4), seed=0)
+    x = torch.rand(10, 1, 28, 28)
+    drawn = model(x, generator=torch.Generator().manual_seed(7))
+    eps = torch.randn(10, 4, generator=torch.Generator().manual_seed(7))  # what the generator draws for the batch
+    for given, expected in zip(model(x, eps=eps), drawn):
+        assert torch.equal(given, expected)
+    for rows in (slice(0, 5), slice(5, 10)):  # the shards of two processes
+        for given, expected in zip(model(x[rows], eps=eps[rows]), drawn):
+            torch.testing.assert_close(given, expected[rows], rtol=1e-5, atol=1e-6)  # products of 5 rows, not 10
+
+
+def test_noise_of_the_wrong_shape_is_refused():
+    model = build_model(ModelConfig(hidden_dims=(32,), latent_dim=4), seed=0)
+    with pytest.raises(ValueError, match=r"eps must have the posterior mean's shape \(3, 4\), got \(3, 2\)"):
+        model(torch.rand(3, 1, 28, 28), eps=torch.zeros(3, 2))
+
+
 def test_same_seed_gives_the_same_weights_and_leaves_the_global_rng_alone():
     torch.manual_seed(123)
     before = torch.get_rng_state()
