@@ -158,20 +158,26 @@ def start_run(
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
     resume_run_id: str | None = None,
+    parent_run_id: str | None = None,
+    tracking_uri: str | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run in the data set's experiment, with the config as params and ``config.json``, and tags.
 
-    The tags are :func:`run_tags` plus ``tags``. With ``resume_run_id`` that run is reopened instead: params it does
-    not have yet are added (MLflow keeps a param's first value; changed values go to the "resumed_with_changes" tag),
-    ``config.json`` is replaced by ``config`` and the "resumed" tag counts the resumptions. The run ends FINISHED when the block completes. When it raises, the run ends
-    FAILED (KILLED on Ctrl-C) with the error in the "error" tag (its class and the start of its message) and its
+    The run goes to the store at ``tracking_uri`` (default: :func:`default_tracking_uri`), nested under
+    ``parent_run_id`` if given (MLflow's "mlflow.parentRunId" tag). The tags are :func:`run_tags` plus ``tags``. With
+    ``resume_run_id`` that run is reopened instead: params it does not have yet are added (MLflow keeps a param's
+    first value; changed values go to the "resumed_with_changes" tag), ``config.json`` is replaced by ``config`` and
+    the "resumed" tag counts the resumptions. The run ends FINISHED when the block completes. When it raises, the run
+    ends FAILED (KILLED on Ctrl-C) with the error in the "error" tag (its class and the start of its message) and its
     traceback in ``error.txt``, and the exception propagates.
     """
-    ensure_store()
+    ensure_store(tracking_uri)
     all_tags = {**run_tags(config), **(tags or {})}
     params = flat_params(config)
     if resume_run_id is None:
-        run = mlflow.start_run(experiment_id=experiment(config.data.dataset), run_name=run_name, tags=all_tags)
+        run = mlflow.start_run(
+            experiment_id=experiment(config.data.dataset), run_name=run_name, tags=all_tags, parent_run_id=parent_run_id
+        )
     else:
         previous = mlflow.MlflowClient().get_run(resume_run_id)
         run = mlflow.start_run(run_id=resume_run_id)
