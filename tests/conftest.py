@@ -21,6 +21,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# Tests on the real data sets read them from the offline mirror; the tests need no network (CI sets the mirror).
+needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
+
 
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:

@@ -12,10 +12,9 @@ from mlflow import MlflowClient
 
 from pipeline import data, training
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, needs_mirror
 from vae.engine import load_checkpoint
 
-needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
 pytestmark = [needs_mirror, pytest.mark.usefixtures("mlflow_store")]
 
 # Threshold binarization, as issue 4 asks (tests/vae/test_engine.py shows the same under dynamic binarization and a

@@ -3,7 +3,6 @@
 import asyncio
 import gzip
 import json
-import os
 from pathlib import Path
 
 import mlflow
@@ -15,8 +14,8 @@ from PIL import Image
 import flows
 from pipeline import data, tracking
 from pipeline.config import PRESETS, load_config
+from tests.conftest import needs_mirror
 
-needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
 SMALL = {

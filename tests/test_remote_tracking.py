@@ -16,9 +16,8 @@ from PIL import Image
 import flows
 from pipeline import data, tracking
 from pipeline.config import load_config
-from tests.conftest import free_port, running
+from tests.conftest import free_port, needs_mirror, running
 
-needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
 pytestmark = [needs_mirror, pytest.mark.usefixtures("prefect_server")]
 
 SMALL = {

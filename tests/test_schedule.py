@@ -1,7 +1,6 @@
 """Specification of scheduled retraining: `flows.py serve` against a real `prefect server start`, read back through
 Prefect's and MLflow's clients."""
 
-import os
 import re
 import sys
 import time
@@ -17,9 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows
 from pipeline.config import load_config
-from tests.conftest import free_port, running
-
-needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
+from tests.conftest import free_port, needs_mirror, running
 
 TINY = [
     "--set", "data.train_subset=300", "--set", "data.validation_size=200", "--set", "model.hidden_dims=[32]",

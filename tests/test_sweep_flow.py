@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 
 import pandas as pd
 import pytest
@@ -11,8 +10,8 @@ from mlflow import MlflowClient
 import flows
 from pipeline import tracking
 from pipeline.config import load_config
+from tests.conftest import needs_mirror
 
-needs_mirror = pytest.mark.skipif(not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)")
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
 TINY = {

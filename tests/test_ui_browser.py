@@ -1,6 +1,5 @@
 """The MLflow UI as a person sees it: headless Chromium on `flows.py ui` over a store a training flow run filled."""
 
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -27,11 +26,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 import flows
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, free_port, running
+from tests.conftest import PROJECT_ROOT, free_port, needs_mirror, running
 
-needs_mirror = pytest.mark.skipif(
-    not os.environ.get("VAE_DATA_MIRROR"), reason="needs the data mirror (CI sets VAE_DATA_MIRROR)"
-)
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 # Debian's packages `chromium` and `chromium-driver`; `make browser` (a step of `make test`) installs them.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.server
-import os
 import struct
 import threading
 import warnings
@@ -32,6 +31,7 @@ from pipeline.data import (
     prepare,
     read_idx,
 )
+from tests.conftest import needs_mirror
 from vae.data import ImageSet
 
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: connections are refused at once
@@ -547,10 +547,6 @@ def test_dynamic_binarization_resamples_training_batches_but_fixes_validation_an
 
 
 # The real data sets, from the offline mirror
-
-needs_mirror = pytest.mark.skipif(
-    not os.environ.get("VAE_DATA_MIRROR"), reason="VAE_DATA_MIRROR is not set (CI: ../shared/data)"
-)
 
 REAL = {
     "mnist": (
