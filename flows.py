@@ -124,7 +124,7 @@ def tracked_training(
             checkpoint = Path(scratch) / "checkpoint.pt"
             if resume_run_id is not None:
                 checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch))
-            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint)]
+            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), training.EpochReport()]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
             )

@@ -13,6 +13,19 @@ from vae.evaluate import evaluate_elbo, iwae_bound
 from vae.models import VAE, build_model
 
 
+class EpochReport(Callback):
+    """Prints one line per epoch (ELBOs, KL, seconds): what a log shows of training when there is no progress bar."""
+
+    def on_epoch_end(self, state: TrainingState) -> None:
+        metrics = state.history[-1]
+        validation = f", validation ELBO {metrics['val_elbo_nats']:.2f}" if "val_elbo_nats" in metrics else ""
+        print(
+            f"epoch {state.epoch}/{state.train_config.epochs}: train ELBO {metrics['train_elbo_nats']:.2f} nats "
+            f"(KL {metrics['train_kl_nats']:.2f}){validation}, {state.epoch_seconds[-1]:.1f} s",
+            flush=True,
+        )
+
+
 def train(
     config: RunConfig,
     prepared: PreparedData,
