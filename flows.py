@@ -1,4 +1,4 @@
-"""The pipeline's Prefect flow and command line: data, training, evaluation, pictures and registry, tracked in MLflow."""
+"""The pipeline's Prefect flows (training, sweeps on Dask, scheduled retraining) and its command line."""
 
 from __future__ import annotations
 
