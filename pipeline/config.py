@@ -167,11 +167,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {text!r} is not of the form section.field=value")
+    return key.strip(), parse_value(raw)
+
+
+def parse_value(raw: str) -> Any:
+    """A setting's value as typed on the command line: JSON when it parses (``3``, ``[400]``, ``null``), else the text."""
     try:
-        value = json.loads(raw)
+        return json.loads(raw)
     except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+        return raw
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:

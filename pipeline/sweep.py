@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import ConfigError, RunConfig, with_overrides
+from pipeline.config import ConfigError, RunConfig, parse_value, with_overrides
 from pipeline.registry import primary_metric
 
 FINISHED = "finished"
@@ -188,11 +188,4 @@ def _values(text: str, raw: str) -> list[Any]:
     items = [item.strip() for item in raw.split(",")]
     if "" in items:
         raise ConfigError(f"--grid {text!r}: a value is empty (values are separated by single commas)")
-    return [_json_or_text(item) for item in items]
-
-
-def _json_or_text(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
+    return [parse_value(item) for item in items]
