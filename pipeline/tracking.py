@@ -29,7 +29,7 @@ from sqlalchemy.engine import make_url
 from torch import nn
 
 from pipeline import pictures
-from pipeline.config import ConfigError, RunConfig, validate
+from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experiment_name, validate
 from pipeline.data import DATASETS, PreparedData
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
@@ -46,7 +46,7 @@ SAMPLES_KEY = "samples"  # the image series of prior samples, one per epoch
 SPLIT_SETTINGS = {
     "training": ("validation_size", "split_seed", "train_subset", "binarization", "binarization_seed"),
     "validation": ("validation_size", "split_seed", "binarization", "binarization_seed"),
-    "test": ("binarization", "binarization_seed"),
+    "test": tuple(field.removeprefix("data.") for field in TEST_IMAGE_FIELDS if field != "data.dataset"),
 }
 
 _ready: set[str] = set()  # tracking URIs whose store this process has ensured
@@ -86,7 +86,7 @@ def experiment(dataset: str) -> str:
     In a SQLite store its artifacts go to ``artifacts/<experiment name>/`` beside the database; a tracking server
     chooses the artifact location itself.
     """
-    name = f"vae-{dataset}"
+    name = experiment_name(dataset)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
