@@ -5,6 +5,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 from PIL import Image
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from torch import nn
 
 from pipeline import pictures
@@ -49,7 +51,12 @@ SPLIT_SETTINGS = {
     "test": tuple(field.removeprefix("data.") for field in TEST_IMAGE_FIELDS if field != "data.dataset"),
 }
 
+# How a SQL store's unique-key violation reads once a tracking server has turned it into text: SQLite, PostgreSQL
+# (psycopg2 and asyncpg), MySQL.
+UNIQUE_KEY_VIOLATIONS = ("UNIQUE constraint failed", "UniqueViolation", "duplicate key value", "Duplicate entry")
+
 _ready: set[str] = set()  # tracking URIs whose store this process has ensured
+_logger = logging.getLogger(__name__)
 
 
 def default_tracking_uri() -> str:
@@ -266,8 +273,37 @@ def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
         ImageSplit(source, prepared.name, split_digest(prepared.digest, context, config), len(splits[context]))
         for context in contexts
     ]
-    mlflow.log_inputs(datasets, contexts=contexts, tags_list=[None] * len(contexts))
+    _log_inputs(datasets, contexts)
     mlflow.set_tag("dataset_digest", prepared.digest)
+
+
+def _log_inputs(datasets: Sequence[ImageSplit], contexts: Sequence[str]) -> None:
+    """``mlflow.log_inputs``, again each time another run inserted one of the same datasets at the same moment.
+
+    A SQL store keeps one row per (experiment, name, digest): it looks for the row, inserts it if missing, and links
+    the run to it, in one transaction. Two runs of a sweep that log the same split at once both find nothing, and the
+    second insert breaks the unique key, rolling back that run's whole transaction. Logging again is then correct
+    (the row is there now, and the run gets linked to it) and ends: each collision means another run committed one of
+    these datasets, so there are at most as many collisions as datasets.
+    """
+    for collisions in range(len(datasets) + 1):
+        try:
+            mlflow.log_inputs(list(datasets), contexts=list(contexts), tags_list=[None] * len(contexts))
+            return
+        except MlflowException as error:
+            if collisions == len(datasets) or not _is_unique_key_violation(error):
+                raise
+            _logger.info("another run logged the same dataset at the same moment (%s): logging again", error.message[:200])
+
+
+def _is_unique_key_violation(error: MlflowException) -> bool:
+    """Whether the store refused a write because another one had just inserted the same key."""
+    cause: BaseException | None = error
+    while cause is not None:  # a local SQL store chains the driver's error
+        if isinstance(cause, IntegrityError):
+            return True
+        cause = cause.__cause__
+    return any(text in error.message for text in UNIQUE_KEY_VIOLATIONS)  # a tracking server sends only its text
 
 
 class MLflowCallback(Callback):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +31,7 @@ from pipeline.tracking import (
     split_digest,
     start_run,
 )
+from tests.conftest import serving
 from vae.engine import fit
 from vae.models import build_model
 
@@ -339,3 +342,98 @@ def test_a_larger_latent_gets_no_manifold_and_leaves_the_working_directory_clean
     run_id = train_and_log(tiny_config(latent_dim=5))
     files = [path for path in artifact_paths(MlflowClient(), run_id) if not path.startswith("images/")]
     assert files == ["config.json", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif"]
+
+
+# --- concurrent runs -------------------------------------------------------------------------------------------------
+
+# Several runs (the trials of a sweep) log the same dataset splits into one store at once. The store looks for each
+# dataset row, inserts the missing ones and links the run, in one transaction; the bad interleaving is every run
+# looking before any inserts. It is forced here: the test holds the SQLite database's write lock while the runs call
+# log_dataset, so their reads go through and their inserts wait, and releases it HOLD_SECONDS later.
+WORKERS, ROUNDS, HOLD_SECONDS = 3, 3, 2.0
+BARRIER_SECONDS = 600  # the first wait covers the workers' imports: minutes on two loaded cores
+
+
+def log_the_same_dataset_in_each_experiment(uri: str, experiment_ids: list[str], ready, go, results) -> None:
+    """A worker process: in each experiment, a run that logs tiny_data's three splits as soon as ``go`` opens."""
+    collisions = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = collisions.append
+    logging.getLogger("pipeline.tracking").addHandler(handler)
+    logging.getLogger("pipeline.tracking").setLevel(logging.INFO)
+    mlflow.set_tracking_uri(uri)
+    config = tiny_config()
+    _, prepared = tiny_data(config)
+    errors = []
+    for experiment_id in experiment_ids:
+        with mlflow.start_run(experiment_id=experiment_id):
+            ready.wait(BARRIER_SECONDS)  # every run has started; the test takes the write lock
+            go.wait(BARRIER_SECONDS)
+            try:
+                log_dataset(prepared, config)
+            except Exception as error:
+                errors.append(f"{type(error).__name__}: {error}"[:300])
+    results.put((errors, len(collisions)))
+
+
+def log_at_once_while_the_write_lock_is_held(uri: str, database: Path, rounds: int) -> int:
+    """WORKERS processes each log the same splits into each of ``rounds`` new experiments at the same moment.
+
+    Asserts that no run failed and returns how many times a run found its insert beaten by another run's.
+    """
+    client = MlflowClient(uri)
+    experiment_ids = [client.create_experiment(f"round-{number}") for number in range(rounds)]
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: forking a process that runs threads is unsafe
+    ready, go, results = context.Barrier(WORKERS + 1), context.Barrier(WORKERS + 1), context.Queue()
+    workers = [
+        context.Process(target=log_the_same_dataset_in_each_experiment, args=(uri, experiment_ids, ready, go, results))
+        for _ in range(WORKERS)
+    ]
+    for worker in workers:
+        worker.start()
+    try:
+        lock = sqlite3.connect(database, isolation_level=None)
+        for _ in range(rounds):
+            ready.wait(BARRIER_SECONDS)
+            lock.execute("BEGIN IMMEDIATE")  # readers go on, writers wait (MLflow's busy timeout is 20 s)
+            go.wait(BARRIER_SECONDS)
+            time.sleep(HOLD_SECONDS)
+            lock.execute("ROLLBACK")
+        lock.close()
+        outcomes = [results.get(timeout=BARRIER_SECONDS) for _ in workers]
+    finally:
+        for worker in workers:
+            worker.join(timeout=60)
+            worker.kill()
+    assert [errors for errors, _ in outcomes] == [[]] * WORKERS
+
+    config = tiny_config()
+    _, prepared = tiny_data(config)
+    expected = {
+        context: split_digest(prepared.digest, context, config) for context in ("training", "validation", "test")
+    }
+    for experiment_id in experiment_ids:
+        runs = client.search_runs([experiment_id])
+        assert [run.info.status for run in runs] == ["FINISHED"] * WORKERS
+        for run in runs:
+            logged = {item.tags[0].value: item.dataset.digest for item in run.inputs.dataset_inputs}
+            assert logged == expected
+    return sum(collisions for _, collisions in outcomes)
+
+
+def test_runs_logging_the_same_dataset_at_the_same_moment_all_log_it(store):
+    database = Path(store.removeprefix("sqlite:///"))
+    collisions = log_at_once_while_the_write_lock_is_held(store, database, ROUNDS)
+    assert collisions > 0  # the race did happen, and every run survived it
+
+
+def test_runs_logging_the_same_dataset_through_an_mlflow_server_at_the_same_moment_all_log_it(store, tmp_path):
+    database = Path(store.removeprefix("sqlite:///"))
+    command = lambda port: [  # noqa: E731
+        str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", store,
+        "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
+        collisions = log_at_once_while_the_write_lock_is_held(server.url, database, ROUNDS)
+    assert collisions > 0
