@@ -12,10 +12,10 @@ from mlflow import MlflowClient
 
 from pipeline import data, training
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, needs_mirror
+from tests.conftest import PROJECT_ROOT, needs_data
 from vae.checkpoint import load_checkpoint
 
-pytestmark = [needs_mirror, pytest.mark.usefixtures("mlflow_store")]
+pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
 
 # Threshold binarization, as issue 4 asks (tests/vae/test_engine.py shows the same under dynamic binarization and a
 # Monte Carlo KL). 512 images in batches of 128: 4 steps, each split into two shards of 64.

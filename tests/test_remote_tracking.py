@@ -16,9 +16,9 @@ from PIL import Image
 import flows
 from pipeline import cli, data, tracking
 from pipeline.config import load_config
-from tests.conftest import free_port, needs_mirror, running
+from tests.conftest import needs_data, serving
 
-pytestmark = [needs_mirror, pytest.mark.usefixtures("prefect_server")]
+pytestmark = [needs_data, pytest.mark.usefixtures("prefect_server")]
 
 SMALL = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "model.latent_dim": 2,
@@ -37,18 +37,16 @@ def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyP
     Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
     that nothing goes to it.
     """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
+    command = lambda port: [  # noqa: E731
         str(Path(sys.executable).parent / "mlflow"), "server",
         "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
         "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
     (tmp_path / "server").mkdir()
-    with running(command, ready_url=f"{url}/health", log=tmp_path / "mlflow-server.log"):
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url, tmp_path / "server" / "artifacts"
+    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        yield server.url, tmp_path / "server" / "artifacts"
 
 
 def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_through_it(mlflow_server, tmp_path):

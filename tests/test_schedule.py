@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 import flows
 from pipeline import cli
 from pipeline.config import load_config
-from tests.conftest import free_port, needs_mirror, running
+from tests.conftest import needs_data, refused_port, running, serving
 
 TINY = [
     "--set", "data.train_subset=300", "--set", "data.validation_size=200", "--set", "model.hidden_dims=[32]",
@@ -53,24 +53,23 @@ def mlflow_run_of(client, flow_run_id) -> str:
     return re.search(r"Run `([0-9a-f]{32})`", summary.data).group(1)
 
 
-@needs_mirror
+@needs_data
 def test_serve_creates_a_cron_deployment_whose_every_run_is_a_new_mlflow_run_and_version_competing_for_champion(
     tmp_path, mlflow_store
 ):
-    port = free_port()
-    api_url = f"http://127.0.0.1:{port}/api"
-    server = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = lambda port: [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]  # noqa: E731
     server_env = {"PREFECT_HOME": str(tmp_path / "server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     serve = [sys.executable, "flows.py", "serve", *TINY, "--cron", CRON, "--timezone", TIMEZONE, "--name", NAME]
-    serve_env = {
-        "PREFECT_API_URL": api_url,
-        "PREFECT_HOME": str(tmp_path / "serve-home"),
-        "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick up a triggered run within a second, not the default 10
-        "MLFLOW_TRACKING_URI": mlflow_store,
-    }
     serve_log = tmp_path / "serve.log"
-    with running(server, ready_url=f"{api_url}/health", log=tmp_path / "server.log", env=server_env), \
-            temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as prefect:
+    with serving(server, ready_path="/api/health", log=tmp_path / "server.log", env=server_env) as prefect_server, \
+            temporary_settings(updates={PREFECT_API_URL: f"{prefect_server.url}/api"}), get_client(sync_client=True) as prefect:
+        api_url = f"{prefect_server.url}/api"
+        serve_env = {
+            "PREFECT_API_URL": api_url,
+            "PREFECT_HOME": str(tmp_path / "serve-home"),
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick up a triggered run within a second, not the default 10
+            "MLFLOW_TRACKING_URI": mlflow_store,
+        }
         # `serve` is ready when its deployment exists on the server.
         with running(serve, ready_url=f"{api_url}/deployments/name/train-vae/{NAME}", log=serve_log, env=serve_env):
             deployment = prefect.read_deployment_by_name(f"train-vae/{NAME}")
@@ -122,8 +121,7 @@ def test_serve_without_a_prefect_server_refuses_and_says_how_to_start_one(capsys
 
 
 def test_serve_with_an_unreachable_prefect_server_refuses_naming_it(capsys):
-    api_url = f"http://127.0.0.1:{free_port()}/api"
-    with temporary_settings(updates={PREFECT_API_URL: api_url}):
+    with refused_port() as port, temporary_settings(updates={PREFECT_API_URL: (api_url := f"http://127.0.0.1:{port}/api")}):
         assert cli.main(["serve", *TINY]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: no Prefect server answers at PREFECT_API_URL={api_url}")

@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 import flows
 from pipeline import cli, tracking
 from pipeline.config import load_config
-from tests.conftest import needs_mirror
+from tests.conftest import needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
@@ -53,7 +53,7 @@ async def read_trial_task_runs(flow_run_id) -> dict[str, str]:
         return {run.name: run.state.type.value for run in runs if run.name.startswith("trial-")}
 
 
-@needs_mirror
+@needs_data
 def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_registers_the_best(tmp_path, monkeypatch):
     # The default store (mlruns/, here the test's): the Dask workers, which do not share this process's settings, must
     # be told where it is, or their runs would land in the project's own store.
@@ -104,7 +104,7 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
     assert float(version.tags["test_nll_nats"]) == pytest.approx(ranked[0].data.metrics["test_nll_nats"])
 
 
-@needs_mirror
+@needs_data
 def test_when_every_trial_fails_the_sweep_fails_saying_so_and_registers_nothing(tmp_path, capsys):
     code = cli.main(["sweep", *TINY_ARGS, "--grid", f"train.learning_rate={DIVERGES},1e13", "--workers", "1"])
     assert code == 1

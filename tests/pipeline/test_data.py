@@ -31,7 +31,7 @@ from pipeline.data import (
     prepare,
     read_idx,
 )
-from tests.conftest import needs_mirror
+from tests.conftest import needs_data
 from vae.data import ImageSet
 
 UNREACHABLE = "http://127.0.0.1:9/"  # the discard port: connections are refused at once
@@ -563,9 +563,9 @@ def real_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@needs_mirror
+@needs_data
 @pytest.mark.parametrize("dataset", list(REAL))
-def test_load_real_data_set_from_the_mirror_then_from_the_cache(dataset, real_cache):
+def test_load_real_data_set_from_its_sources_then_from_the_cache(dataset, real_cache):
     digest, train_counts, test_counts = REAL[dataset]
 
     raw = load(dataset, real_cache)
