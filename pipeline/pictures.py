@@ -125,6 +125,14 @@ def reconstructions(
     One row per class, labelled with its name; the columns alternate "original" and "reconstruction". The
     reconstruction is the decoder's mean image at the posterior mean. Originals are ``data.pixels`` as stored.
     """
+    return _render(reconstructions_figure(model, data, class_names, per_class, seed))
+
+
+def reconstructions_figure(
+    model: nn.Module, data: ImageSet, class_names: Sequence[str] | None = None, per_class: int = 2, seed: int = 0
+) -> Figure:
+    """The figure :func:`reconstructions` draws: one image of the pairs' cells, ``padding`` 2 around each cell and a
+    white gap of 8 pixels between pairs."""
     classes, index = class_examples(data.labels, per_class, seed)
     flat = index.flatten()
     present = flat >= 0
@@ -155,7 +163,7 @@ def reconstructions(
     for spine in ax.spines.values():
         spine.set_visible(False)
     fig.suptitle(f"Reconstructions: {per_class} images per class", fontsize=12)
-    return _render(fig)
+    return fig
 
 
 def latent_manifold(model: nn.Module, *, n: int = 15, extent: float = 2.0) -> Image.Image:
@@ -164,6 +172,11 @@ def latent_manifold(model: nn.Module, *, n: int = 15, extent: float = 2.0) -> Im
     As the Keras VAE example draws it: z[0] grows to the right, z[1] upwards; the axes carry the z values at the
     cell centres.
     """
+    return _render(latent_manifold_figure(model, n=n, extent=extent))
+
+
+def latent_manifold_figure(model: nn.Module, *, n: int = 15, extent: float = 2.0) -> Figure:
+    """The figure :func:`latent_manifold` draws."""
     latent_dim = _latent_dim(model)
     if latent_dim != 2:
         raise ValueError(f"latent_manifold needs a model with latent_dim == 2, got latent_dim={latent_dim}")
@@ -182,7 +195,7 @@ def latent_manifold(model: nn.Module, *, n: int = 15, extent: float = 2.0) -> Im
     ax.set_xlabel("z[0]")
     ax.set_ylabel("z[1]")
     ax.set_title(f"Latent manifold: decoder means over a {n}x{n} grid of z in [{-extent:g}, {extent:g}]²")
-    return _render(fig)
+    return fig
 
 
 def principal_components(means: Tensor) -> tuple[Tensor, Tensor]:
@@ -238,6 +251,13 @@ def latent_scatter(
     Shown as :func:`latent_projection` places them: z[0] and z[1], the first two principal components of the means
     for latent_dim > 2, or z[0] against the class for latent_dim 1.
     """
+    return _render(latent_scatter_figure(model, data, class_names, max_points=max_points, seed=seed))
+
+
+def latent_scatter_figure(
+    model: nn.Module, data: ImageSet, class_names: Sequence[str] | None = None, *, max_points: int = 5000, seed: int = 0
+) -> Figure:
+    """The figure :func:`latent_scatter` draws."""
     projection = latent_projection(model, data, max_points=max_points, seed=seed)
     points, labels = projection.points.numpy(), projection.labels.numpy()
     n_classes = max(len(class_names or ()), int(labels.max()) + 1 if len(labels) else 0)
@@ -261,7 +281,7 @@ def latent_scatter(
         latent_dim, f"projected on their first two principal components (latent_dim {latent_dim})"
     )
     ax.set_title(f"Latent space: posterior means of {len(labels)} images\n{how}")
-    return _render(fig)
+    return fig
 
 
 CURVES = (
@@ -288,6 +308,11 @@ def loss_curves(history: Sequence[Mapping[str, float]]) -> Image.Image:
     without a value leaves a gap. When the KL weight differed from 1 (beta, warm-up) the optimized training loss is
     drawn dashed in the first panel.
     """
+    return _render(loss_curves_figure(history))
+
+
+def loss_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
+    """The figure :func:`loss_curves` draws."""
     if not history:
         raise ValueError("history is empty: there are no epochs to plot")
     epochs = [entry.get("epoch", number) for number, entry in enumerate(history, start=1)]
@@ -316,7 +341,7 @@ def loss_curves(history: Sequence[Mapping[str, float]]) -> Image.Image:
         else:
             ax.text(0.5, 0.5, "no data", transform=ax.transAxes, ha="center", va="center", color="grey")
     fig.suptitle(f"Training curves over {len(history)} epoch{'s' if len(history) != 1 else ''}", fontsize=13)
-    return _render(fig)
+    return fig
 
 
 # --- helpers -------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from PIL import Image
 import flows
 from pipeline import cli, data, tracking
 from pipeline.config import PRESETS, load_config
-from tests.conftest import needs_mirror
+from tests.conftest import needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
@@ -47,7 +47,7 @@ async def read_markdown_artifact(key: str) -> str:
         return next(a.data for a in artifact if a.key == key)
 
 
-@needs_mirror
+@needs_data
 def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_that_samples():
     config = small()
     outcome = flows.train_flow(config)
@@ -83,7 +83,7 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
     assert outcome.run_id in summary and "alias **champion**" in summary and "test_nll_nats" in summary
 
 
-@needs_mirror
+@needs_data
 def test_a_better_model_becomes_champion_and_a_worse_one_challenger():
     first = flows.train_flow(small(**{"train.epochs": 2}))
     better = flows.train_flow(small(**{"train.epochs": 4}))
@@ -97,14 +97,21 @@ def test_a_better_model_becomes_champion_and_a_worse_one_challenger():
     assert "does not beat champion v2" in tags["promotion.reason"]
 
 
-@needs_mirror
-def test_the_promotion_margin_keeps_a_slightly_better_model_as_challenger():
-    flows.train_flow(small(**{"train.epochs": 3}))
-    slightly = flows.train_flow(small(**{"train.epochs": 3, "train.seed": 1, "registry.promotion_margin_nats": 1000.0}))
-    assert slightly.alias == "challenger" and "margin 1000.00" in slightly.promotion_reason
+@needs_data
+def test_the_promotion_margin_keeps_a_better_model_as_challenger_when_it_is_not_better_by_more():
+    champion = flows.train_flow(small(**{"train.epochs": 2}))
+    better = flows.train_flow(small(**{"train.epochs": 4, "registry.promotion_margin_nats": 1000.0}))
+    gain = champion.metrics["test_nll_nats"] - better.metrics["test_nll_nats"]
+    assert gain > 0  # the new model is the better one, by less than the margin
+    assert (better.version, better.alias) == ("2", "challenger")
+    assert better.promotion_reason == (
+        f"test_nll_nats {better.metrics['test_nll_nats']:.2f} does not beat champion v1 "
+        f"({champion.metrics['test_nll_nats']:.2f}) by more than margin 1000.00 (difference {gain:.2f}, lower is better)"
+    )
+    assert aliases() == {"champion": "1", "challenger": "2"}
 
 
-@needs_mirror
+@needs_data
 def test_a_nan_loss_leaves_a_failed_run_with_the_error_and_no_registered_version():
     config = small(**{"train.optimizer": "rmsprop", "train.learning_rate": 1e12, "train.epochs": 3})
     state = flows.train_flow(config, return_state=True)
@@ -149,7 +156,7 @@ def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
     assert "train.learning_rate: Input should be greater than 0 (got -0.001)" in capsys.readouterr().err
 
 
-@needs_mirror
+@needs_data
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
@@ -175,7 +182,7 @@ async def prepare_task_states(flow_run_id) -> list[str]:
         return [run.state.name for run in runs]
 
 
-@needs_mirror
+@needs_data
 def test_a_second_run_with_the_same_data_settings_reads_the_prepared_data_from_the_cache():
     config = small(**{"data.split_seed": 12345})  # data settings no other test uses
     first = flows.train_flow(config, return_state=True)
@@ -190,7 +197,7 @@ class PowerCut(Exception):
     """Stands for whatever stops a run half-way: a crash, a killed job, a lost machine."""
 
 
-@needs_mirror
+@needs_data
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run_to_the_result_of_an_uninterrupted_one(monkeypatch, tmp_path):
     config = small(**{"train.epochs": 4})
     uninterrupted = flows.train_flow(config)
@@ -227,7 +234,7 @@ def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):
     assert "run 0123456789abcdef has no readable config.json" in capsys.readouterr().err
 
 
-@needs_mirror
+@needs_data
 def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsys):
     first = flows.train_flow(small(**{"train.epochs": 3}))
     second = flows.train_flow(small(**{"train.epochs": 1}))

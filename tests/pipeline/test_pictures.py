@@ -5,10 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
-from matplotlib import _pylab_helpers
+from matplotlib import _pylab_helpers, colormaps
+from matplotlib.figure import Figure
 from PIL import Image
 
 from pipeline.pictures import (
+    DPI,
     PAD_VALUE,
     animated_gif,
     class_examples,
@@ -16,12 +18,16 @@ from pipeline.pictures import (
     grid_shape,
     image_grid,
     latent_manifold,
+    latent_manifold_figure,
     latent_projection,
     latent_scatter,
+    latent_scatter_figure,
     loss_curves,
+    loss_curves_figure,
     principal_components,
     prior_samples,
     reconstructions,
+    reconstructions_figure,
 )
 from pipeline.data import DATASETS
 from vae.config import ModelConfig
@@ -63,10 +69,22 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image)
 
 
-def assert_readable_figure(image: Image.Image, min_width: int = 400, min_height: int = 400) -> None:
-    assert image.mode == "RGB"
+def assert_rendered(image: Image.Image, figure: Figure, min_width: int = 400, min_height: int = 400) -> None:
+    """``image`` is ``figure`` drawn at the pictures' resolution, large enough to read."""
+    width, height = figure.get_size_inches() * DPI
+    assert image.mode == "RGB" and image.size == (round(width), round(height))
     assert image.width >= min_width and image.height >= min_height
-    assert (pixels(image) < 128).any(axis=2).mean() > 0.005  # dark ink on the white canvas: something was drawn
+
+
+def shown_image(figure: Figure) -> np.ndarray:
+    """The array that the figure's one axes shows as an image."""
+    (ax,) = figure.axes
+    (image,) = ax.images
+    return np.asarray(image.get_array())
+
+
+def tick_labels(ticks) -> list[str]:
+    return [tick.get_text() for tick in ticks]
 
 
 # --- image_grid ----------------------------------------------------------------------------------------------------
@@ -203,19 +221,58 @@ def test_class_examples_draws_per_class_indices_of_each_present_class_with_a_see
     assert len(drawn) > 1  # the draw depends on the seed
 
 
-def test_reconstructions_show_one_labelled_row_per_class():
-    picture = reconstructions(tiny_model(2), images(), CLASS_NAMES, per_class=2)
-    assert_readable_figure(picture)
-    assert picture.height > picture.width  # ten rows of two original/reconstruction pairs
-    fewer = reconstructions(tiny_model(2), images().subset(slice(0, 3)), CLASS_NAMES, per_class=2)
-    assert fewer.height < picture.height  # only the classes present get a row
+def test_reconstructions_show_each_class_row_its_originals_beside_their_reconstructions():
+    model, data = tiny_model(2), images()
+    figure = reconstructions_figure(model, data, CLASS_NAMES, per_class=2)
+    classes, index = class_examples(data.labels, per_class=2)
+    with torch.no_grad():
+        originals = data.pixels[index.flatten()]
+        rebuilt = torch.sigmoid(model.decode(model.encode(originals)[0]))
+    panel = shown_image(figure)
+    # cells of 28 pixels with 2 of grey around each; a pair is 2 * 30 + 2 = 62 wide, then a white gap of 8
+    assert panel.shape == (10 * 30 + 2, 2 * 62 + 8)
+    for row in range(10):
+        for k in range(2):
+            top, left = 2 + 30 * row, 70 * k + 2
+            np.testing.assert_array_equal(panel[top : top + 28, left : left + 28], originals[2 * row + k, 0])
+            np.testing.assert_allclose(panel[top : top + 28, left + 30 : left + 58], rebuilt[2 * row + k, 0], rtol=1e-6)
+    (ax,) = figure.axes
+    assert tick_labels(ax.get_yticklabels()) == [CLASS_NAMES[c] for c in classes.tolist()] == list(CLASS_NAMES)
+    assert tick_labels(ax.get_xticklabels()) == ["original", "reconstruction"] * 2
+    assert figure.get_suptitle() == "Reconstructions: 2 images per class"
+    assert_rendered(reconstructions(model, data, CLASS_NAMES, per_class=2), figure)
+
+
+def test_reconstructions_give_a_row_only_to_the_classes_present():
+    data = images().subset(slice(0, 3))  # one image each of classes 0, 1 and 2
+    figure = reconstructions_figure(tiny_model(2), data, CLASS_NAMES, per_class=2)
+    panel = shown_image(figure)
+    assert panel.shape == (3 * 30 + 2, 2 * 62 + 8)
+    np.testing.assert_array_equal(panel[2:30, 72:100], np.full((28, 28), PAD_VALUE))  # no second image: grey
+    assert tick_labels(figure.axes[0].get_yticklabels()) == list(CLASS_NAMES[:3])
 
 
 # --- latent space --------------------------------------------------------------------------------------------------
 
 
-def test_latent_manifold_draws_a_grid_of_decoded_images_for_a_two_dimensional_latent():
-    assert_readable_figure(latent_manifold(tiny_model(2), n=5, extent=3.0))
+def test_latent_manifold_shows_the_images_decoded_from_a_grid_of_z_with_z1_growing_upwards():
+    model = tiny_model(2)
+    figure = latent_manifold_figure(model, n=5, extent=3.0)
+    values = [-3.0, -1.5, 0.0, 1.5, 3.0]
+    z = torch.tensor([[z0, z1] for z1 in reversed(values) for z0 in values])  # row by row from the top
+    with torch.no_grad():
+        decoded = torch.sigmoid(model.decode(z))[:, 0]
+    panel = shown_image(figure)
+    assert panel.shape == (5 * 28, 5 * 28)
+    for cell, expected in enumerate(decoded):
+        row, column = divmod(cell, 5)
+        np.testing.assert_allclose(panel[28 * row : 28 * (row + 1), 28 * column : 28 * (column + 1)], expected, rtol=1e-6)
+    (ax,) = figure.axes
+    # each cell centred on its z: half a step (0.75) beyond the extent on every side; z[1] at the top of the axes
+    assert figure.axes[0].images[0].get_extent() == [-3.75, 3.75, -3.75, 3.75]
+    assert figure.axes[0].images[0].origin == "upper"
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
+    assert_rendered(latent_manifold(model, n=5, extent=3.0), figure)
 
 
 @pytest.mark.parametrize("latent_dim", [1, 5])
@@ -283,22 +340,76 @@ def test_latent_projection_keeps_a_seeded_subset_of_at_most_max_points():
 
 
 @pytest.mark.parametrize("latent_dim", [1, 2, 5])
-def test_latent_scatter_draws_every_latent_dimensionality(latent_dim):
-    assert_readable_figure(latent_scatter(tiny_model(latent_dim), images(), CLASS_NAMES))
+def test_latent_scatter_places_each_image_at_its_projection_in_its_class_colour(latent_dim):
+    model, data = tiny_model(latent_dim), images()
+    figure = latent_scatter_figure(model, data, CLASS_NAMES)
+    projection = latent_projection(model, data)
+    (ax,) = figure.axes
+    (points,) = ax.collections
+    np.testing.assert_array_equal(points.get_offsets(), projection.points.numpy())
+    tab10 = np.asarray(colormaps["tab10"].colors)
+    np.testing.assert_array_equal(points.get_facecolors(), np.c_[tab10[projection.labels.numpy()], np.full(50, 0.6)])
+    legend = ax.get_legend()
+    assert tick_labels(legend.get_texts()) == list(CLASS_NAMES)
+    assert [tuple(handle.get_color()) for handle in legend.legend_handles] == [tuple(colour) for colour in tab10]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == (projection.xlabel, projection.ylabel)
+    assert_rendered(latent_scatter(model, data, CLASS_NAMES), figure)
+
+
+def test_latent_scatter_of_a_one_dimensional_latent_names_the_classes_on_its_vertical_axis():
+    data = images().subset(slice(0, 4))  # classes 0 to 3
+    (ax,) = latent_scatter_figure(tiny_model(1), data, CLASS_NAMES).axes
+    assert list(ax.get_yticks()) == [0, 1, 2, 3]
+    assert tick_labels(ax.get_yticklabels()) == list(CLASS_NAMES[:4])
+    assert tick_labels(ax.get_legend().get_texts()) == list(CLASS_NAMES[:4])
 
 
 # --- loss curves ---------------------------------------------------------------------------------------------------
 
 
+PANELS = [  # title, then (legend label, history key, sign) of each curve
+    ("negative ELBO", [("train", "train_elbo_nats", -1.0), ("validation", "val_elbo_nats", -1.0)]),
+    ("reconstruction (negative log-likelihood)", [
+        ("train", "train_reconstruction_nats", 1.0), ("validation", "val_reconstruction_nats", 1.0),
+    ]),
+    ("KL divergence", [("train", "train_kl_nats", 1.0), ("validation", "val_kl_nats", 1.0)]),
+]
+
+
+def curves(ax) -> dict[str, tuple[list[float], list[float], str]]:
+    """Each line of the panel by its legend label: epochs, values and line style."""
+    return {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle()) for line in ax.lines}
+
+
 @pytest.mark.parametrize(
     "entries",
-    [history(5), history(5, validation=False), history(1), history(1, validation=False), history(4, kl_weight=0.5)],
-    ids=["with-validation", "without-validation", "one-epoch", "one-epoch-no-validation", "kl-warm-up"],
+    [history(5), history(5, validation=False), history(1), history(1, validation=False)],
+    ids=["with-validation", "without-validation", "one-epoch", "one-epoch-no-validation"],
 )
-def test_loss_curves_draw_three_panels_for_any_history(entries):
-    picture = loss_curves(entries)
-    assert_readable_figure(picture, min_width=1000, min_height=300)
-    assert picture.width > 2 * picture.height  # three panels side by side
+def test_loss_curves_draw_each_term_per_epoch_train_against_validation(entries):
+    figure = loss_curves_figure(entries)
+    epochs = list(range(1, len(entries) + 1))
+    assert len(figure.axes) == 3
+    for ax, (title, lines) in zip(figure.axes, PANELS):
+        assert ax.get_title() == title
+        assert curves(ax) == {
+            label: (epochs, [sign * entry[key] for entry in entries], "-") for label, key, sign in lines if key in entries[0]
+        }
+    assert figure.get_suptitle() == f"Training curves over {len(entries)} epoch{'s' if len(entries) > 1 else ''}"
+    assert_rendered(loss_curves(entries), figure, min_width=1000, min_height=300)
+
+
+def test_loss_curves_of_one_epoch_put_one_tick_at_it():
+    for ax in loss_curves_figure(history(1)).axes:
+        assert (list(ax.get_xticks()), ax.get_xlim()) == ([1], (0.0, 2.0))
+
+
+def test_loss_curves_add_the_weighted_training_loss_dashed_when_the_kl_weight_is_not_one():
+    entries = history(4, kl_weight=0.5)
+    (elbo, *others) = loss_curves_figure(entries).axes
+    assert curves(elbo)["train loss (KL weighted)"] == ([1, 2, 3, 4], [entry["train_loss"] for entry in entries], "--")
+    assert all("train loss (KL weighted)" not in curves(ax) for ax in others)
+    assert "train loss (KL weighted)" not in curves(loss_curves_figure(history(4)).axes[0])
 
 
 def test_loss_curves_of_an_empty_history_are_an_error():

@@ -140,28 +140,31 @@ def test_the_first_version_becomes_champion(store):
 
 def test_a_version_better_by_more_than_the_margin_becomes_champion_and_the_old_one_loses_the_alias(store):
     store.register(test_nll_nats=89.0)
-    decision = store.register(margin=0.1, test_nll_nats=88.1)
+    decision = store.register(margin=0.5, test_nll_nats=88.25)
 
     assert decision.alias == "champion" and decision.promoted
     assert (decision.champion_version, decision.champion_value) == ("1", 89.0)
-    assert decision.reason == "test_nll_nats 88.10 beats champion v1 (89.00) by 0.90 > margin 0.10"
+    assert decision.reason == "test_nll_nats 88.25 beats champion v1 (89.00) by 0.75 > margin 0.50"
     assert store.aliases() == {"champion": "2"}
     assert store.client.get_model_version("vae-mnist", "1").aliases == []
     assert store.client.get_model_version("vae-mnist", "1").tags["demoted_by"] == "2"
 
 
+# Numbers whose differences float arithmetic computes exactly (89 - 88.5 is 0.5, where 89 - 88.9 is 0.0999...), so that
+# "exactly the margin" is exactly the margin and tells "more than" from "at least".
 @pytest.mark.parametrize(
     ("nll", "difference"),
-    [(89.5, "-0.50"), (88.95, "0.05"), (88.9, "0.10")],
+    [(89.5, "-0.50"), (88.75, "0.25"), (88.5, "0.50")],
     ids=["worse", "better-by-less-than-the-margin", "better-by-exactly-the-margin"],
 )
 def test_a_version_not_better_by_more_than_the_margin_becomes_challenger_and_the_champion_stays(store, nll, difference):
     store.register(test_nll_nats=89.0)
-    decision = store.register(margin=0.1, test_nll_nats=nll)
+    assert 89.0 - nll == float(difference)
+    decision = store.register(margin=0.5, test_nll_nats=nll)
 
     assert (decision.alias, decision.promoted, decision.champion_version) == ("challenger", False, "1")
     assert decision.reason == (
-        f"test_nll_nats {nll:.2f} does not beat champion v1 (89.00) by more than margin 0.10 "
+        f"test_nll_nats {nll:.2f} does not beat champion v1 (89.00) by more than margin 0.50 "
         f"(difference {difference}, lower is better)"
     )
     assert store.aliases() == {"champion": "1", "challenger": "2"}

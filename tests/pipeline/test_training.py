@@ -44,16 +44,26 @@ def test_evaluation_reports_the_elbo_terms_and_the_iwae_nll_unless_its_samples_a
 
 
 def test_the_epoch_report_prints_one_line_per_epoch(capsys):
-    train(load_config("default", TINY), tiny_data(), callbacks=[EpochReport()], progress=False)
-    lines = capsys.readouterr().out.splitlines()
-    pattern = r"epoch {}/2: train ELBO -\d+\.\d\d nats \(KL \d+\.\d\d\), validation ELBO -\d+\.\d\d, \d+\.\d s"
-    assert [bool(re.fullmatch(pattern.format(epoch), line)) for epoch, line in enumerate(lines, start=1)] == [True, True]
+    _, state = train(load_config("default", TINY), tiny_data(), callbacks=[EpochReport()], progress=False)
+    pattern = r"epoch (\d)/2: train ELBO (-\d+\.\d\d) nats \(KL (\d+\.\d\d)\), validation ELBO (-\d+\.\d\d), (\d+\.\d) s"
+    shown = [re.fullmatch(pattern, line) for line in capsys.readouterr().out.splitlines()]
+    assert [match.groups() if match else None for match in shown] == [
+        (str(epoch), f"{m['train_elbo_nats']:.2f}", f"{m['train_kl_nats']:.2f}", f"{m['val_elbo_nats']:.2f}", f"{s:.1f}")
+        for epoch, (m, s) in enumerate(zip(state.history, state.epoch_seconds), start=1)
+    ]
+    assert len(shown) == 2
 
 
 def test_without_a_validation_set_the_epoch_report_leaves_it_out(capsys):
     config = load_config("default", TINY | {"data.validation_size": 0, "train.early_stopping_patience": None})
-    train(config, tiny_data(validation=False), callbacks=[EpochReport()], progress=False)
-    assert all("validation" not in line for line in capsys.readouterr().out.splitlines())
+    _, state = train(config, tiny_data(validation=False), callbacks=[EpochReport()], progress=False)
+    pattern = r"epoch (\d)/2: train ELBO (-\d+\.\d\d) nats \(KL (\d+\.\d\d)\), (\d+\.\d) s"
+    shown = [re.fullmatch(pattern, line) for line in capsys.readouterr().out.splitlines()]
+    assert [match.groups() if match else None for match in shown] == [
+        (str(epoch), f"{m['train_elbo_nats']:.2f}", f"{m['train_kl_nats']:.2f}", f"{s:.1f}")
+        for epoch, (m, s) in enumerate(zip(state.history, state.epoch_seconds), start=1)
+    ]
+    assert len(shown) == 2
 
 
 def test_the_likelihood_note_says_when_the_nats_do_not_compare_with_published_likelihoods():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -295,22 +296,37 @@ def test_runs_in_eval_mode_and_restores_every_training_flag(evaluate):
 
 
 @pytest.mark.parametrize(
-    ("call", "name"),
-    [  # (m, d): a small model and 4 images
-        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=0), "samples", id="samples=0"),
-        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=-3), "samples", id="samples=-3"),
-        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=5, chunk_size=0), "chunk_size", id="chunk=0"),
-        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=5, batch_size=0), "batch_size", id="batch=0"),
-        pytest.param(lambda m, d: evaluate_elbo(m, d, BERNOULLI, batch_size=0), "batch_size", id="elbo-batch=0"),
-        pytest.param(lambda m, d: evaluate_elbo(m, d.subset(slice(0, 0)), BERNOULLI), "data", id="elbo-empty"),
-        pytest.param(lambda m, d: iwae_bound(m, d.subset(slice(0, 0)), BERNOULLI, samples=1), "data", id="iwae-empty"),
+    ("call", "message"),
+    [  # (m, d): a small model and 4 images; each message whole, so that one error cannot pass for another
+        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=0), "samples must be at least 1, got 0", id="samples=0"),
+        pytest.param(lambda m, d: iwae_bound(m, d, BERNOULLI, samples=-3), "samples must be at least 1, got -3", id="samples=-3"),
+        pytest.param(
+            lambda m, d: iwae_bound(m, d, BERNOULLI, samples=5, chunk_size=0), "chunk_size must be at least 1, got 0", id="chunk=0"
+        ),
+        pytest.param(
+            lambda m, d: iwae_bound(m, d, BERNOULLI, samples=5, batch_size=0), "batch_size must be at least 1, got 0", id="batch=0"
+        ),
+        pytest.param(
+            lambda m, d: evaluate_elbo(m, d, BERNOULLI, batch_size=0), "batch_size must be at least 1, got 0", id="elbo-batch=0"
+        ),
+        pytest.param(
+            lambda m, d: evaluate_elbo(m, d.subset(slice(0, 0)), BERNOULLI), "data must hold at least one image", id="elbo-empty"
+        ),
+        pytest.param(
+            lambda m, d: iwae_bound(m, d.subset(slice(0, 0)), BERNOULLI, samples=1), "data must hold at least one image", id="iwae-empty"
+        ),
         pytest.param(
             lambda m, d: iwae_bound(m, ImageSet(d.pixels[..., :14, :14], d.labels), BERNOULLI, samples=1),
-            "shape",
+            "data images have shape (1, 14, 14), the model expects (1, 28, 28)",
             id="image-shape-mismatch",
+        ),
+        pytest.param(
+            lambda m, d: evaluate_elbo(m, d.to("meta"), BERNOULLI),
+            "model is on cpu but data is on meta; move them to one device",
+            id="devices-differ",
         ),
     ],
 )
-def test_bad_arguments_raise_value_error_naming_them(call, name):
-    with pytest.raises(ValueError, match=name):
+def test_bad_arguments_raise_value_error_naming_them(call, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         call(small_model(), random_images(4, seed=1))
