@@ -71,6 +71,32 @@ def real_data() -> None:
 needs_data = needs_mirror = pytest.mark.usefixtures("real_data")
 
 
+# --- float32 arithmetic --------------------------------------------------------------------------------------------
+
+UNIT_ROUNDOFF = 2.0**-24  # of float32
+
+
+def float32_error_bound(images: int) -> float:
+    """The relative error bound of a float32 sum of m terms, gamma(m) = m u / (1 - m u) with u = 2^-24 (Higham, Accuracy
+    and Stability of Numerical Algorithms, 2nd ed., 3.1), for the longest chain of additions behind a number summed
+    over a batch of ``images``: the sum over the images and, inside each image's term, the sum over its 784 pixels."""
+    m = images + 28 * 28
+    return m * UNIT_ROUNDOFF / (1 - m * UNIT_ROUNDOFF)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread, as each process of a torchrun group runs here (the thread count changes how sums split)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[None]:
     """One Prefect server (a real one, on a SQLite database in a temporary directory) for the whole session."""
@@ -147,7 +173,8 @@ def refused_port() -> Iterator[int]:
 
 
 SERVER_START_SECONDS = 600.0  # MLflow's UI took 212 s to start on two cores under a load average of 38
-ADDRESS_IN_USE = "address already in use"  # how uvicorn (MLflow's and Prefect's servers) says the port was taken
+# How a server says its port was taken: uvicorn (under MLflow and Prefect), Python, and `prefect server start`.
+PORT_TAKEN = ("address already in use", "is already in use")
 
 
 class PortTaken(Exception):
@@ -228,7 +255,7 @@ def _start(
         deadline = time.monotonic() + timeout
         while not (_answers(ready_url) and (port is None or _listens_on(process, port))):
             if process.poll() is not None:
-                if port is not None and ADDRESS_IN_USE in log.read_text().lower():
+                if port is not None and any(words in log.read_text().lower() for words in PORT_TAKEN):
                     raise PortTaken(port)
                 pytest.fail(f"{' '.join(command)}: exited with {process.returncode}; end of its log:\n{log.read_text()[-3000:]}")
             if time.monotonic() > deadline:

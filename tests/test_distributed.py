@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from pipeline import data, training
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, needs_data
+from tests.conftest import PROJECT_ROOT, float32_error_bound, needs_data, one_thread
 from vae.checkpoint import load_checkpoint
 
 pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
@@ -29,6 +29,10 @@ TINY = {
 def prefect_home(tmp_path_factory) -> Path:
     """A Prefect home for the module's runs: the first one creates its database, the next start their server faster."""
     return tmp_path_factory.mktemp("prefect-home")
+
+
+# How many of the model's 652,824 parameters may move by more than 1e-5 through magnified rounding: a thousandth.
+ROUNDING_MAGNIFIED_WEIGHTS = 652
 
 
 def torchrun(processes: int, overrides: dict, prefect_home: Path, *options: str) -> subprocess.CompletedProcess:
@@ -61,15 +65,20 @@ def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(
 
     config = load_config("default", TINY)
     prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
-    alone, state = training.train(config, prepared, progress=False)
+    with one_thread():  # as each torchrun process
+        alone, state = training.train(config, prepared, progress=False)
     checkpoint = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
-    # assert_close's float32 tolerance (atol 1e-5, rtol 1.3e-6): the processes add the same float32 numbers in another
-    # order (each sums its shard, then the shards' gradients are averaged). Adam divides each gradient by its RMS, which
-    # magnifies that rounding in the few weights whose gradient is near zero: up to 5e-6 here, where a wrong shard or
-    # noise draw moves every weight by ~1e-3 per step.
-    torch.testing.assert_close(checkpoint["model"], alone.state_dict())
+    # The processes add the same float32 numbers in another order (tests/vae/test_engine.py shows each step's gradient
+    # is the whole batch's, to float32 rounding). Adam divides each gradient by its RMS, which magnifies that rounding in
+    # the few weights whose gradient is near zero, so no tolerance holds for every weight: over 20 seeds of
+    # bench/distributed_rounding.py --setting torchrun at most 1 parameter moved by more than 1e-5 (the largest by
+    # 1.2e-5; issue 8 saw 12 of them, up to 2.4e-5, against a reference on two threads). A wrong shard or noise draw
+    # moves nearly every weight by about the learning rate, 1e-3, at each step.
+    drift = torch.cat([(checkpoint["model"][name] - value).abs().flatten() for name, value in alone.state_dict().items()])
+    assert int((drift > 1e-5).sum()) <= ROUNDING_MAGNIFIED_WEIGHTS, f"{int((drift > 1e-5).sum())} weights moved"
+    # Metrics of whole batches, as one process logs them: float32 sums over the images in another order.
     logged = {name: run.data.metrics[name] for name in state.history[0]}
-    assert logged == pytest.approx(state.history[0], rel=1e-6)  # the metrics of whole batches, as one process logs them
+    assert logged == pytest.approx(state.history[0], rel=2 * float32_error_bound(TINY["data.train_subset"]), abs=0)
 
 
 def test_a_nan_loss_ends_the_one_mlflow_run_failed_with_the_error_and_registers_nothing(prefect_home):
