@@ -17,9 +17,18 @@ from typing import NamedTuple
 import psutil
 import pytest
 
+# How long a server may take to start: MLflow's UI took 212 s on two cores under a load average of 38.
+SERVER_START_SECONDS = 600.0
+# For the few tests that run several flows or servers (@pytest.mark.timeout(LONG_TEST_SECONDS)); the rest have
+# pyproject.toml's timeout. The longest took 650 s on two cores under a load average of 38, 2 minutes idle.
+LONG_TEST_SECONDS = 2400
+
 # Prefect reads its settings when first imported: point it at a temporary home before any test imports it.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The temporary server a flow starts in its own process (torchrun's rank 0) gets Prefect's default of 20 s, which two
+# loaded cores exceed: rank 0 then fails before training and the run is lost.
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = str(int(SERVER_START_SECONDS))
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
@@ -172,7 +181,6 @@ def refused_port() -> Iterator[int]:
         yield holder.getsockname()[1]
 
 
-SERVER_START_SECONDS = 600.0  # MLflow's UI took 212 s to start on two cores under a load average of 38
 # How a server says its port was taken: uvicorn (under MLflow and Prefect), Python, and `prefect server start`.
 PORT_TAKEN = ("address already in use", "is already in use")
 

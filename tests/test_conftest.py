@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import http.server
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -95,3 +96,16 @@ def test_a_server_whose_port_was_taken_before_it_bound_it_starts_again_on_anothe
         assert server.process.poll() is not None  # stopped with the block
         other.shutdown()
 
+
+
+def test_a_test_that_hangs_fails_at_its_timeout_and_the_run_goes_on(tmp_path):
+    (tmp_path / "test_hang.py").write_text(
+        "import time\n\ndef test_hangs():\n    time.sleep(3600)\n\ndef test_after_it():\n    pass\n"
+    )
+    # The project's pytest settings, with the timeout cut to 2 s for the sake of time.
+    command = [sys.executable, "-m", "pytest", "-c", str(harness.PROJECT_ROOT / "pyproject.toml"), "--rootdir", str(tmp_path),
+               "-p", "no:cacheprovider", "-o", "timeout=2", str(tmp_path / "test_hang.py")]
+    finished = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 1
+    assert "Failed: Timeout (>2.0s) from pytest-timeout." in finished.stdout
+    assert "1 failed, 1 passed" in finished.stdout

@@ -44,7 +44,7 @@ def torchrun(processes: int, overrides: dict, prefect_home: Path, *options: str)
     ]
     env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a shared machine: one thread each
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1000)
 
 
 def all_runs(client: MlflowClient) -> list:

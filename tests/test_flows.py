@@ -14,7 +14,7 @@ from PIL import Image
 import flows
 from pipeline import cli, data, tracking
 from pipeline.config import PRESETS, load_config
-from tests.conftest import needs_data
+from tests.conftest import LONG_TEST_SECONDS, needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
@@ -156,6 +156,7 @@ def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
     assert "train.learning_rate: Input should be greater than 0 (got -0.001)" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
@@ -182,6 +183,7 @@ async def prepare_task_states(flow_run_id) -> list[str]:
         return [run.state.name for run in runs]
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 def test_a_second_run_with_the_same_data_settings_reads_the_prepared_data_from_the_cache():
     config = small(**{"data.split_seed": 12345})  # data settings no other test uses
@@ -197,6 +199,7 @@ class PowerCut(Exception):
     """Stands for whatever stops a run half-way: a crash, a killed job, a lost machine."""
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 def test_an_interrupted_run_resumes_in_the_same_mlflow_run_to_the_result_of_an_uninterrupted_one(monkeypatch, tmp_path):
     config = small(**{"train.epochs": 4})
@@ -234,6 +237,7 @@ def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):
     assert "run 0123456789abcdef has no readable config.json" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsys):
     first = flows.train_flow(small(**{"train.epochs": 3}))

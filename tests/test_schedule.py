@@ -17,7 +17,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 import flows
 from pipeline import cli
 from pipeline.config import load_config
-from tests.conftest import needs_data, refused_port, running, serving
+from tests.conftest import LONG_TEST_SECONDS, needs_data, refused_port, running, serving
 
 TINY = [
     "--set", "data.train_subset=300", "--set", "data.validation_size=200", "--set", "model.hidden_dims=[32]",
@@ -28,7 +28,7 @@ TINY_CONFIG = {
     "train.epochs": 1, "train.device": "cpu",
 }
 CRON, TIMEZONE, NAME = "15 4 * * 2", "Europe/Paris", "nightly-test"
-RUN_TIMEOUT_SECONDS = 240  # a flow run of the tiny config takes about 45 s on two busy cores
+RUN_TIMEOUT_SECONDS = 900  # a flow run of the tiny config takes about 45 s on two busy cores, minutes on loaded ones
 
 
 def executable(name: str) -> str:
@@ -53,6 +53,7 @@ def mlflow_run_of(client, flow_run_id) -> str:
     return re.search(r"Run `([0-9a-f]{32})`", summary.data).group(1)
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 def test_serve_creates_a_cron_deployment_whose_every_run_is_a_new_mlflow_run_and_version_competing_for_champion(
     tmp_path, mlflow_store

@@ -38,7 +38,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--lang=en-US", "--window-size=1400,1100",
 ]
-WAIT_SECONDS = 60  # for each piece of content; on an idle machine each shows within a few seconds
+WAIT_SECONDS = 300  # for each piece of content; on an idle machine each shows within a few seconds
 SCREENSHOTS_DIR = PROJECT_ROOT / "outputs" / "screenshots"  # where people look at the latest screenshots
 
 TINY = {

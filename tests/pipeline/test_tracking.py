@@ -31,7 +31,7 @@ from pipeline.tracking import (
     split_digest,
     start_run,
 )
-from tests.conftest import serving
+from tests.conftest import LONG_TEST_SECONDS, serving
 from vae.engine import fit
 from vae.models import build_model
 
@@ -427,6 +427,7 @@ def test_runs_logging_the_same_dataset_at_the_same_moment_all_log_it(store):
     assert collisions > 0  # the race did happen, and every run survived it
 
 
+@pytest.mark.timeout(LONG_TEST_SECONDS)
 def test_runs_logging_the_same_dataset_through_an_mlflow_server_at_the_same_moment_all_log_it(store, tmp_path):
     database = Path(store.removeprefix("sqlite:///"))
     command = lambda port: [  # noqa: E731
