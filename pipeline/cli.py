@@ -273,12 +273,16 @@ def _flow_failed(flow: str, state: State) -> int:
 
 
 class _NoRunErrors(logging.Filter):
-    """Keeps Prefect's error records of flow and task runs off the console, where one failure would otherwise be
-    shown four times (a traceback and a final state for the task, the same for the flow); the Prefect server still
-    receives them all."""
+    """Keeps Prefect's records of failing flow and task runs off the console, where one failure would otherwise be
+    shown four times (a traceback and a final state holding the message, for the task and again for the flow); the
+    Prefect server still receives them all."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR or not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        return record.levelno < logging.ERROR and not record.getMessage().startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
 
 
 @contextmanager
