@@ -77,15 +77,20 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(ValueError("--resume continues a run in one process: launch it without torchrun"), 2)
     try:
         config = _config_from(args)
+    except ConfigError as error:
+        return _fail(error, 2)
+    # The process that runs the flow (rank 0 of torchrun's, or this one alone) starts its Prefect server (unless
+    # PREFECT_API_URL names one) before it imports torch, MLflow and the flows, so that the server starts meanwhile.
+    server = prefect_api.start_private_server() if os.environ.get("RANK", "0") == "0" else None
+    try:
         _checked_device(config)
-    except (ConfigError, RuntimeError) as error:
+    except RuntimeError as error:
         return _fail(error, 2)
     from vae.distributed import process_group
 
     with process_group() as (rank, _):  # under torchrun: every process it started; else this one alone
         if rank != 0:
             return _train_shard(config)
-        server = prefect_api.start_private_server()  # unless PREFECT_API_URL names one; starts while flows imports
         from flows import train_flow
 
         if server is not None:

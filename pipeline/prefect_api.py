@@ -45,8 +45,8 @@ class PrivateServer:
     """A Prefect API server for this process alone, in a child process that exits when this process does.
 
     :meth:`start` binds a free port of 127.0.0.1 and hands the listening socket to the child (no other process can
-    take the port in between), and makes ``http://127.0.0.1:<port>/api`` this process's PREFECT_API_URL, which its
-    own children (Dask workers) inherit. Its database is Prefect's usual one (``$PREFECT_HOME/prefect.db``), so flow
+    take the port in between); :meth:`make_current` makes ``http://127.0.0.1:<port>/api`` this process's
+    PREFECT_API_URL, which its own children (Dask workers) inherit. Its database is Prefect's usual one (``$PREFECT_HOME/prefect.db``), so flow
     runs stay there for a later ``prefect server start`` to show. The server runs Prefect's ephemeral set of services
     and no UI, as Prefect's ephemeral mode does.
     """
@@ -61,18 +61,16 @@ class PrivateServer:
     @classmethod
     def start(cls) -> PrivateServer:
         """Start the server (it becomes ready in the background: see :meth:`wait_until_ready`); stopped at exit."""
-        from prefect.context import refresh_global_settings_context
-        from prefect.settings import get_current_settings
-
         listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         child_end, parent_alive = os.pipe()  # the child reads, we never write: it sees end of file when we are gone
-        environment = {
-            **os.environ,
-            **get_current_settings().to_environment_variables(exclude_unset=True),  # settings made in code, too
-            "PREFECT_UI_ENABLED": "false",
-        }
+        environment = dict(os.environ)
+        if "prefect.settings" in sys.modules:  # settings made in code (temporary_settings) reach the child too
+            from prefect.settings import get_current_settings
+
+            environment.update(get_current_settings().to_environment_variables(exclude_unset=True))
         environment.pop("PREFECT_API_URL", None)
+        environment["PREFECT_UI_ENABLED"] = "false"
         try:
             process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(listener.fileno())],
@@ -90,10 +88,15 @@ class PrivateServer:
         server = cls(process, url, parent_alive)
         # After Prefect's own exit hooks (which run first) have sent the last logs and events to it.
         atexit.register(server.stop)
-        os.environ["PREFECT_API_URL"] = server.api_url
+        return server
+
+    def make_current(self) -> None:
+        """Make this server the PREFECT_API_URL of this process and of the processes it starts (Dask workers)."""
+        from prefect.context import refresh_global_settings_context
+
+        os.environ["PREFECT_API_URL"] = self.api_url
         os.environ.setdefault("PREFECT_UI_URL", "")  # it serves no UI: Prefect would print "View at" links to nothing
         refresh_global_settings_context()
-        return server
 
     def wait_until_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         """Return once the server answers its health check; a RuntimeError if it exits or ``timeout`` seconds pass."""
@@ -129,12 +132,22 @@ class PrivateServer:
 
 
 def start_private_server() -> PrivateServer | None:
-    """A :class:`PrivateServer`, started, unless Prefect's settings name an API (PREFECT_API_URL, or a profile's)."""
-    from prefect.settings import PREFECT_API_URL
+    """A :class:`PrivateServer`, started and made this process's PREFECT_API_URL, unless Prefect's settings name a
+    server (PREFECT_API_URL in the environment, a profile or prefect.toml)."""
 
-    if PREFECT_API_URL.value():
+    def named() -> bool:
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+
+    if os.environ.get("PREFECT_API_URL") or ("prefect.settings" in sys.modules and named()):
         return None
-    return PrivateServer.start()
+    server = PrivateServer.start()  # before importing Prefect (a second of CPU), which the server's start overlaps
+    if named():  # a profile or prefect.toml names a server after all
+        server.stop()
+        return None
+    server.make_current()
+    return server
 
 
 # --- the child --------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ EXIT_SECONDS = 30  # for a killed process's server to notice and exit: its grace
 SERVER_SCRIPT = """
 import sys, time
 from pipeline import prefect_api
-server = prefect_api.PrivateServer.start()
+server = prefect_api.start_private_server()
 print(server.process.pid, flush=True)
 if sys.argv[1] != "starting":
     server.wait_until_ready()
@@ -46,7 +46,7 @@ if sys.argv[1] != "exit":
 READ_BACK_SCRIPT = """
 import json
 from pipeline import prefect_api
-prefect_api.PrivateServer.start().wait_until_ready()
+prefect_api.start_private_server().wait_until_ready()
 from prefect.client.orchestration import get_client
 with get_client(sync_client=True) as client:
     flow_runs = {run.name: run.state.type.value for run in client.read_flow_runs()}
