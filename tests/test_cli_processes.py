@@ -28,7 +28,7 @@ TINY = [
     "--set", "eval.iwae_samples=4", "--device", "cpu",
 ]
 RUN_SECONDS = 600  # a whole tiny run takes about a minute on two busy cores, imports included
-EXIT_SECONDS = 30  # for the processes of a killed run to notice and exit
+EXIT_SECONDS = 60  # for the processes of a killed run to exit: the private server gives up its graceful shutdown after 10 s
 PREFECT_LINE = re.compile(r"\d\d:\d\d:\d\d\.\d{3} \| INFO    \| (Flow|Task) run '[^']+' - ")
 
 
@@ -160,7 +160,7 @@ def test_a_tampered_data_file_fails_the_run_at_once_with_one_error_block(tmp_pat
 
 
 @pytest.mark.usefixtures("prefect_server")
-def test_evaluate_generate_and_promote_never_import_prefect(tmp_path):
+def test_evaluate_generate_promote_and_leaderboard_never_import_prefect(tmp_path):
     small = {
         "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "train.epochs": 1,
         "train.device": "cpu", "eval.iwae_samples": 2,
@@ -171,6 +171,7 @@ def test_evaluate_generate_and_promote_never_import_prefect(tmp_path):
         ["evaluate", "vae-mnist", "--device", "cpu"],
         ["generate", "vae-mnist", "-n", "4", "-o", str(tmp_path / "samples.png")],
         ["promote", "vae-mnist", "1", "--reason", "checked by hand"],
+        ["leaderboard", "vae-mnist"],
     ]
     for command in commands:
         finished = run_cli(command, env, python_options=("-X", "importtime"))
