@@ -18,8 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import available_timezones
+
+from pipeline.prefect_api import disable_telemetry
+
+disable_telemetry()  # before Prefect and MLflow are imported, which read their settings once
 
 import mlflow
 import pandas as pd
@@ -27,32 +31,29 @@ import torch
 from mlflow.entities import RunInfo
 from prefect import flow, serve, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture
 from prefect.schedules import Cron, Schedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from prefect.tasks import exponential_backoff
-from prefect_dask import DaskTaskRunner
 
 from pipeline import data, registry, sweep, tracking, training
 from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
+
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
 
 SUMMARY_ARTIFACT_KEY = "vae-training-summary"
 LEADERBOARD_ARTIFACT_KEY = "vae-sweep-leaderboard"
 LEADERBOARD_FILE = "leaderboard.csv"  # in the sweep's parent MLflow run
 
-# Each stage is a plain function in pipeline/; here it becomes a Prefect task. Only data preparation is cached:
-# the other tasks take models and tensors, which are neither worth hashing nor safe to skip.
-fetch_data = task(
-    data.fetch, name="fetch and verify data", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), cache_policy=NO_CACHE
-)
-prepare_data = task(
-    data.prepare_configured,
-    name="prepare data",
-    cache_policy=INPUTS + TASK_SOURCE,  # a second run with the same data settings reads the prepared sets back
-    persist_result=True,
-)
+# Each stage is a plain function in pipeline/; here it becomes a Prefect task. None is cached or retried by Prefect, and
+# no result is written to Prefect's storage: the tasks take models and tensors, neither worth hashing nor safe to
+# skip; preparing the data afresh (0.3 s for MNIST) is faster than reading it back from a cache, and what is slow
+# (download, decompression, SHA-256) the data stage caches itself; and fetching retries what a retry can heal, network
+# trouble and server errors, itself, while a file with the wrong hash or a malformed one fails at once.
+fetch_data = task(data.fetch, name="fetch and verify data", cache_policy=NO_CACHE)
+prepare_data = task(data.prepare_configured, name="prepare data", cache_policy=NO_CACHE)
 train_model = task(training.train, name="train", cache_policy=NO_CACHE)
 evaluate_model = task(training.evaluate, name="evaluate on the test set", cache_policy=NO_CACHE)
 log_evaluation = task(tracking.log_evaluation, name="log test metrics and pictures", cache_policy=NO_CACHE)
@@ -189,6 +190,8 @@ Run `{outcome.run_id}` in experiment `{config.experiment_name}` of `{outcome.tra
 def dask_task_runner(address: str | None = None, workers: int = LOCAL_WORKERS) -> DaskTaskRunner:
     """Prefect's Dask task runner on the scheduler at ``address``, else on a local cluster of ``workers`` processes
     of one thread each (Dask also starts them with OMP_NUM_THREADS=1)."""
+    from prefect_dask import DaskTaskRunner
+
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
@@ -234,8 +237,7 @@ class SweepOutcome:
     promotion_reason: str | None
 
 
-@flow(name="sweep-vae", log_prints=True, task_runner=dask_task_runner())
-def sweep_flow(base: RunConfig, grid: dict[str, list[Any]], samples: int | None = None, seed: int = 0) -> SweepOutcome:
+def run_sweep(base: RunConfig, grid: dict[str, list[Any]], samples: int | None = None, seed: int = 0) -> SweepOutcome:
     """Train the trials of a sweep in parallel on Dask, each in an MLflow run nested under the sweep's, rank them in a
     leaderboard, and register and promote the best.
 
@@ -281,6 +283,15 @@ def sweep_flow(base: RunConfig, grid: dict[str, list[Any]], samples: int | None 
         alias=decision.alias if decision else None,
         promotion_reason=decision.reason if decision else None,
     )
+
+
+def __getattr__(name: str) -> Any:
+    """``sweep_flow``, the flow ``sweep-vae`` (:func:`run_sweep`) on a local Dask cluster, made on first use: a training
+    run imports this module, and Dask, which it does not need, costs a quarter of a second to import."""
+    if name == "sweep_flow":
+        globals()[name] = flow(run_sweep, name="sweep-vae", log_prints=True, task_runner=dask_task_runner())
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @contextmanager

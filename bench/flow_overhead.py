@@ -3,10 +3,18 @@
 Both sides are whole processes (imports included) running one preset for the same epochs with the same data cache:
 the engine alone (fetch, prepare, train, evaluate, nothing tracked) and `flows.py train` (the same stages as Prefect
 tasks, tracked in MLflow, with pictures, the logged model and its registration). Pairs alternate engine, flow, so
-machine-speed drift hits both alike, and the overhead (flow minus engine) is taken pair by pair and its median quoted.
-Cold: every flow run gets a new Prefect home and a new MLflow store (server database and store created, nothing
-cached). Warm: one Prefect home and store kept across runs, after one untimed run (database ready, prepared data
-in Prefect's cache).
+machine-speed drift hits both alike, and the overhead (flow minus engine) is taken pair by pair and its median quoted,
+in wall seconds and in CPU seconds (user + system of the whole process tree, which a loaded machine changes less).
+
+- cold: no Prefect server; every flow run gets a new Prefect home and a new MLflow store (the pipeline's private
+  Prefect server creates its database, MLflow its tables);
+- home: no Prefect server; one Prefect home and one MLflow store kept across runs, as when `flows.py train` is run
+  again and again on one machine;
+- warm: a Prefect server running (`prefect server start`, as for scheduled retraining) named by PREFECT_API_URL, and
+  one MLflow store kept across runs. The server's own CPU time is not counted.
+
+Before the timed pairs, one untimed engine run fills the data cache, and one untimed flow run readies the kept home,
+the kept store and the server's database.
 
     VAE_DATA_MIRROR=../shared/data .venv/bin/python bench/flow_overhead.py --pairs 3
 """
@@ -15,85 +23,139 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pipeline.config import parse_override  # noqa: E402  (light: no torch)
+
+KINDS = ("cold", "home", "warm")
 
 
-def engine_only(preset: str, epochs: int) -> None:
+def engine_only(preset: str, epochs: int, overrides: dict) -> None:
     """The flow's stages without Prefect or MLflow: fetch, prepare, train, evaluate; prints the test metrics."""
-    sys.path.insert(0, str(ROOT))
     from pipeline import data, training
     from pipeline.config import load_config
 
-    config = load_config(preset, {"train.epochs": epochs})
+    config = load_config(preset, {"train.epochs": epochs, **overrides})
     prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
     model, _ = training.train(config, prepared, progress=False)
     print(training.evaluate(model, prepared.test, config))
 
 
-def timed(command: list[str], env: dict[str, str]) -> float:
-    """Wall seconds of ``command`` as a whole process; its output is kept only if it fails."""
-    started = time.perf_counter()
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``command`` as a whole process tree; its output is kept only if it fails."""
+    cpu, started = children_cpu_seconds(), time.perf_counter()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    elapsed = time.perf_counter() - started
+    elapsed, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return elapsed
+    return elapsed, cpu
 
 
 def homes(root: Path, name: str) -> dict[str, str]:
     """Environment of a flow run whose Prefect home and MLflow store are in ``root/name``."""
     home = root / name
     (home / "mlruns").mkdir(parents=True, exist_ok=True)
-    return {
-        "PREFECT_HOME": str(home / "prefect"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlruns' / 'mlflow.db'}",
-    }
+    return {"PREFECT_HOME": str(home / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlruns' / 'mlflow.db'}"}
+
+
+@contextmanager
+def prefect_server(root: Path, env: dict[str, str]):
+    """`prefect server start` on a free port of 127.0.0.1, its home in ``root``; yields its API URL."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api_url = f"http://127.0.0.1:{port}/api"
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server_env = {**env, "PREFECT_HOME": str(root / "server-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with open(root / "prefect-server.log", "w") as log:
+        server = subprocess.Popen(command, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{api_url}/health", timeout=5):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"prefect server start failed:\n{(root / 'prefect-server.log').read_text()[-3000:]}")
+                time.sleep(0.5)
+        yield api_url
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--pairs", type=int, default=3, help="engine/flow pairs for each of cold and warm")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="a setting for both sides, e.g. --set eval.iwae_samples=50 (repeatable)")
+    parser.add_argument("--pairs", type=int, default=3, help="engine/flow pairs for each kind")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"which of {', '.join(KINDS)} (default: all)")
     parser.add_argument("--engine-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    overrides = dict(parse_override(text) for text in args.overrides)
     if args.engine_only:
-        return engine_only(args.preset, args.epochs)
+        return engine_only(args.preset, args.epochs, overrides)
 
+    kinds = args.kinds.split(",")
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    engine = [sys.executable, __file__, "--engine-only", "--preset", args.preset, "--epochs", str(args.epochs)]
-    flow = [sys.executable, "flows.py", "train", "--preset", args.preset, "--epochs", str(args.epochs)]
+    settings = [arg for text in args.overrides for arg in ("--set", text)]
+    engine = [sys.executable, __file__, "--engine-only", "--preset", args.preset, "--epochs", str(args.epochs), *settings]
+    flow = [sys.executable, "flows.py", "train", "--preset", args.preset, "--epochs", str(args.epochs), *settings]
     with tempfile.TemporaryDirectory(prefix="flow-overhead-") as scratch:
         root = Path(scratch)
-        timed(engine, env)  # untimed: the data cache is filled and the files are in the page cache for both sides
-        warm = {**env, **homes(root, "warm")}
-        timed(flow, warm)  # untimed: the warm home gets its database and cached prepared data
-        results: dict[str, list[tuple[float, float]]] = {"cold": [], "warm": []}
-        for pair in range(args.pairs):
-            for kind in ("cold", "warm"):
-                flow_env = {**env, **homes(root, f"cold-{pair}")} if kind == "cold" else warm
-                engine_seconds = timed(engine, env)
-                flow_seconds = timed(flow, flow_env)
-                results[kind].append((engine_seconds, flow_seconds))
-                print(f"pair {pair + 1} {kind}: engine {engine_seconds:6.1f} s, flow {flow_seconds:6.1f} s, "
-                      f"overhead {flow_seconds - engine_seconds:5.1f} s", flush=True)
-    print(f"\n{args.preset}, {args.epochs} epoch(s), {args.pairs} pairs each; medians:")
-    print("| | engine alone (s) | flow (s) | overhead (s) | flow / engine |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+        with prefect_server(root, env) if "warm" in kinds else _nothing() as api_url:
+            flow_env = {
+                "cold": lambda pair: {**env, **homes(root, f"cold-{pair}")},
+                "home": lambda pair: {**env, **homes(root, "home")},
+                "warm": lambda pair: {**env, **homes(root, "warm"), "PREFECT_API_URL": api_url},
+            }
+            timed(engine, env)  # untimed: the data cache is filled and the files are in the page cache for both sides
+            for kind in kinds:
+                if kind != "cold":
+                    timed(flow, flow_env[kind](None))  # untimed: the kept home, store and server database are ready
+            results: dict[str, list[tuple[float, float, float, float]]] = {kind: [] for kind in kinds}
+            for pair in range(args.pairs):
+                for kind in kinds:
+                    engine_wall, engine_cpu = timed(engine, env)
+                    flow_wall, flow_cpu = timed(flow, flow_env[kind](pair))
+                    results[kind].append((engine_wall, flow_wall, engine_cpu, flow_cpu))
+                    print(f"pair {pair + 1} {kind}: engine {engine_wall:6.1f} s ({engine_cpu:5.1f} s CPU), flow "
+                          f"{flow_wall:6.1f} s ({flow_cpu:5.1f} s CPU), overhead {flow_wall - engine_wall:5.1f} s "
+                          f"({flow_cpu - engine_cpu:4.1f} s CPU)", flush=True)
+    print(f"\n{args.preset}, {args.epochs} epoch(s) {' '.join(settings)}, {args.pairs} pairs each; medians:")
+    print("| | engine alone (s) | flow (s) | overhead (s) | flow / engine | CPU overhead (s) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for kind, pairs in results.items():
-        engine_seconds = statistics.median(e for e, _ in pairs)
-        flow_seconds = statistics.median(f for _, f in pairs)
-        overhead = statistics.median(f - e for e, f in pairs)
-        ratio = statistics.median(f / e for e, f in pairs)
-        print(f"| {kind} | {engine_seconds:.1f} | {flow_seconds:.1f} | {overhead:.1f} | {ratio:.2f} |")
+        engine_wall = statistics.median(e for e, _, _, _ in pairs)
+        flow_wall = statistics.median(f for _, f, _, _ in pairs)
+        overhead = statistics.median(f - e for e, f, _, _ in pairs)
+        ratio = statistics.median(f / e for e, f, _, _ in pairs)
+        cpu_overhead = statistics.median(f - e for _, _, e, f in pairs)
+        print(f"| {kind} | {engine_wall:.1f} | {flow_wall:.1f} | {overhead:.1f} | {ratio:.2f} | {cpu_overhead:.1f} |")
+
+
+@contextmanager
+def _nothing():
+    yield None
 
 
 if __name__ == "__main__":

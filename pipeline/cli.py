@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pipeline import prefect_api
 from pipeline.config import (
     DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides,
 )
 
 if TYPE_CHECKING:
     import pandas as pd
+    from prefect.client.schemas.objects import State
 
     from flows import TrainingOutcome
 
@@ -81,8 +86,14 @@ def _train(args: argparse.Namespace) -> int:
         return _fail(ValueError("--resume continues a run in one process: launch it without torchrun"), 2)
     try:
         config = _config_from(args)
+    except ConfigError as error:
+        return _fail(error, 2)
+    # The process that runs the flow (rank 0 of torchrun's, or this one alone) starts its Prefect server (unless
+    # PREFECT_API_URL names one) before it imports torch, MLflow and the flows, so that the server starts meanwhile.
+    server = prefect_api.start_private_server() if os.environ.get("RANK", "0") == "0" else None
+    try:
         _checked_device(config)
-    except (ConfigError, RuntimeError) as error:
+    except RuntimeError as error:
         return _fail(error, 2)
     from vae.distributed import process_group
 
@@ -91,11 +102,13 @@ def _train(args: argparse.Namespace) -> int:
             return _train_shard(config)
         from flows import train_flow
 
-        outcome = train_flow(config, resume_run_id=args.resume, return_state=True)
-        if outcome.is_failed():
-            print(f"error: the training flow failed: {outcome.message}", file=sys.stderr)
-            return 1
-        _print_outcome(config, outcome.result())
+        if server is not None:
+            server.wait_until_ready()
+        with _flow_errors_reported_once():
+            state = train_flow(config, resume_run_id=args.resume, return_state=True)
+        if state.is_failed():
+            return _flow_failed("the training flow", state)
+        _print_outcome(config, state.result())
         return 0
 
 
@@ -163,13 +176,16 @@ def _sweep(args: argparse.Namespace) -> int:
         sweep.trials(base, grid, samples=args.samples, seed=args.seed)  # every trial's config, checked before any work
     except ConfigError as error:
         return _fail(error, 2)
+    server = prefect_api.start_private_server()
     import flows
 
+    if server is not None:
+        server.wait_until_ready()
     runner = flows.dask_task_runner(args.dask_address, args.workers or LOCAL_WORKERS)
-    state = flows.sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
+    with _flow_errors_reported_once():
+        state = flows.sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
     if state.is_failed():
-        print(f"error: the sweep failed: {state.message}", file=sys.stderr)
-        return 1
+        return _flow_failed("the sweep", state)
     outcome: flows.SweepOutcome = state.result()
     print(f"\n{len(outcome.leaderboard)} trials of {base.preset} on {base.data.dataset}, best first:")
     print(outcome.leaderboard.fillna({"error": ""}).to_string(index=False, max_colwidth=80))
@@ -290,7 +306,59 @@ def _fail(error: BaseException, code: int) -> int:
     return code
 
 
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says all a user needs to act on (the file, the field, the epoch): no traceback for them."""
+    from pipeline.data import DataError
+    from pipeline.sweep import SweepError
+    from vae.engine import NonFiniteLossError
+
+    return ConfigError, DataError, NonFiniteLossError, SweepError, LookupError, FileNotFoundError
+
+
+def _flow_failed(flow: str, state: State) -> int:
+    """Report a failed flow run once: the error's message, with its traceback only when the error was not foreseen."""
+    error = state.result(raise_on_failure=False)
+    if not isinstance(error, BaseException):  # failed without an exception of its own (e.g. crashed infrastructure)
+        print(f"error: {flow} failed: {state.message}", file=sys.stderr)
+    elif isinstance(error, _expected_errors()):
+        print(f"error: {flow} failed: {error}", file=sys.stderr)
+    else:
+        print("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
+        print(f"error: {flow} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    return 1
+
+
+class _NoRunErrors(logging.Filter):
+    """Keeps Prefect's records of failing flow and task runs off the console, where one failure would otherwise be
+    shown four times (a traceback and a final state holding the message, for the task and again for the flow); the
+    Prefect server still receives them all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+            return True
+        return record.levelno < logging.ERROR and not record.getMessage().startswith(
+            ("Finished in state Failed", "Finished in state Crashed")
+        )
+
+
+@contextmanager
+def _flow_errors_reported_once() -> Iterator[None]:
+    """While a flow runs, its failure is shown by :func:`_flow_failed` alone, not also by Prefect's console logging."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    consoles = [handler for handler in logging.getLogger().handlers if isinstance(handler, PrefectConsoleHandler)]
+    quiet = _NoRunErrors()
+    for handler in consoles:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in consoles:
+            handler.removeFilter(quiet)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    prefect_api.disable_telemetry()  # before any command imports Prefect or MLflow
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads here are a few small files
     parser = argparse.ArgumentParser(prog="flows.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)

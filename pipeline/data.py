@@ -288,15 +288,22 @@ def _sha256_of(path: Path) -> str:
 
 
 def _fetch_file(path: Path, expected: str, sources: list[str], *, timeout: float, retries: int, backoff: float) -> None:
-    """Put the first source whose decompressed bytes have sha256 ``expected`` at ``path``, else raise DownloadError."""
+    """Put the first source whose decompressed bytes have sha256 ``expected`` at ``path``, else raise DownloadError.
+
+    A source whose file has another hash is warned about when a later one serves the right file (the only sign of a
+    tampered mirror then); when none does, the DownloadError says it, once.
+    """
     failures = []
+    mismatches = []
     for source in sources:
         attempts = retries if source.startswith(("http://", "https://")) else 1
         try:
             _copy_with_retries(source, path, expected, timeout=timeout, attempts=attempts, backoff=backoff)
+            for mismatch in mismatches:
+                warnings.warn(str(mismatch), stacklevel=3)
             return
         except ChecksumError as error:
-            warnings.warn(str(error), stacklevel=3)
+            mismatches.append(error)
             failures.append(f"  {source}: {error}")
         except SOURCE_ERRORS as error:
             tries = f" ({attempts} attempts)" if attempts > 1 and _is_transient(error) else ""

@@ -6,7 +6,6 @@ import math
 
 import torch
 from torch import Tensor
-from torchmetrics.aggregation import MeanMetric
 
 from vae.config import ObjectiveConfig
 from vae.data import ImageSet
@@ -32,14 +31,14 @@ def evaluate_elbo(
     _check_positive(batch_size=batch_size)
     _check_inputs(model, data)
     generator = torch.Generator(device=data.device).manual_seed(seed)
-    reconstruction, kl = _mean_metric(data.device), _mean_metric(data.device)
+    reconstruction, kl = _Mean(data.device), _Mean(data.device)
     with eval_mode(model), torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             terms = elbo_terms(x, model(x, generator=generator), objective)
             reconstruction.update(terms.reconstruction)
             kl.update(terms.kl)
-        reconstruction_nats, kl_nats = reconstruction.compute().item(), kl.compute().item()
+        reconstruction_nats, kl_nats = reconstruction.compute(), kl.compute()
     elbo_nats = -(reconstruction_nats + kl_nats)
     return {"elbo_nats": elbo_nats, "reconstruction_nats": reconstruction_nats, "kl_nats": kl_nats}
 
@@ -70,7 +69,7 @@ def iwae_bound(
     _check_positive(samples=samples, chunk_size=chunk_size, batch_size=batch_size)
     _check_inputs(model, data)
     generator = torch.Generator(device=data.device).manual_seed(seed)
-    bound = _mean_metric(data.device)
+    bound = _Mean(data.device)
     log_k = math.log(samples)
     report = progress_of(len(data), f"IWAE bound (k={samples})", "images", enabled=progress)
     with eval_mode(model), torch.inference_mode(), report as done:
@@ -85,7 +84,7 @@ def iwae_bound(
                 log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             bound.update(log_sum - log_k)
             done.update(len(x))
-        iwae_nats = bound.compute().item()
+        iwae_nats = bound.compute()
     nll_nats = -iwae_nats
     dims = math.prod(data.pixels.shape[1:])
     bits_per_dim = nll_nats / (dims * math.log(2))
@@ -127,14 +126,25 @@ class _BlockNoise:
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
-def _mean_metric(device: torch.device) -> MeanMetric:
-    # nan_strategy="disable": no per-batch isnan check (a host sync); a NaN then shows in the result instead.
-    # sync_on_compute=False: the mean of this process's data; in a torch.distributed process group torchmetrics would
-    # otherwise gather every process's state, and wait forever for processes that do not evaluate (under torchrun
-    # only rank 0 does).
-    metric = MeanMetric(nan_strategy="disable", sync_on_compute=False).to(device)
-    # Sum in float64 where the device has it (MPS does not).
-    return metric.set_dtype(torch.float32 if device.type == "mps" else torch.float64)
+class _Mean:
+    """The mean of every value passed to :meth:`update`, summed on the device (no host sync per batch) in float64,
+    or float32 where the device has no float64 (MPS). A NaN shows in the result.
+
+    torchmetrics' MeanMetric computes the same sum in the same order, but importing torchmetrics (which brings
+    scipy.signal and pyplot) took 1.3 s of CPU here, as long as importing torch, in every process that trains or
+    evaluates; and this mean must not be synchronized across a torchrun process group anyway (only rank 0 evaluates).
+    """
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        self.count = 0
+
+    def update(self, values: Tensor) -> None:
+        self.total += values.to(self.total.dtype).sum()
+        self.count += values.numel()
+
+    def compute(self) -> float:
+        return (self.total / self.count).item()
 
 
 def _check_positive(**arguments: int) -> None:
