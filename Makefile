@@ -9,7 +9,11 @@ BIN := $(VENV)/bin
 BROWSER_PACKAGES := chromium chromium-driver fonts-liberation
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600
 
-.PHONY: install browser run test bench clean
+# Debian's PostgreSQL, for the tests of the team setup (tests/test_team_store.py): they run its initdb and postgres
+# from /usr/lib/postgresql/<version>/bin in temporary directories; no cluster of the system's is used.
+POSTGRESQL_PACKAGES := postgresql
+
+.PHONY: install browser postgresql run test bench clean
 
 install: $(VENV)/.installed
 
@@ -40,10 +44,30 @@ browser:
 	  echo "Installed $$(/usr/bin/chromium --version 2>/dev/null) and $$(/usr/bin/chromedriver --version | cut -d' ' -f1-2)."; \
 	fi
 
+# Installs PostgreSQL with apt-get when no initdb is found (needs root; CI is). Without root it says what to run, and
+# the PostgreSQL tests then skip with that reason (an error where CI is set).
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "warning: the team-setup tests need Debian's PostgreSQL server (initdb and postgres), which is not installed." >&2; \
+	    echo "         Install it as root: run 'make postgresql' as root, or 'sudo apt-get install $(POSTGRESQL_PACKAGES)'." >&2; \
+	    exit 0; \
+	  fi; \
+	  echo "Installing $(POSTGRESQL_PACKAGES) with apt-get, for the team-setup tests..."; \
+	  log=$$(mktemp); \
+	  if ! { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(POSTGRESQL_PACKAGES); } >$$log 2>&1; then \
+	    tail -n 40 $$log >&2; rm -f $$log; \
+	    echo "error: apt-get could not install $(POSTGRESQL_PACKAGES) (the end of its output is above)" >&2; \
+	    exit 1; \
+	  fi; \
+	  rm -f $$log; \
+	  echo "Installed $$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) ($$($$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) --version))."; \
+	fi
+
 run: install
 	$(BIN)/python flows.py train $(ARGS)
 
-test: install browser
+test: install browser postgresql
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

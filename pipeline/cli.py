@@ -84,6 +84,9 @@ def _train(args: argparse.Namespace) -> int:
         outcome = train_flow(config, resume_run_id=args.resume, return_state=True)
         if outcome.is_failed():
             print(f"error: the training flow failed: {outcome.message}", file=sys.stderr)
+            error = outcome.result(raise_on_failure=False)
+            for note in getattr(error, "__notes__", []) if isinstance(error, BaseException) else []:
+                print(f"  {note}", file=sys.stderr)  # e.g. which run to resume when the store could not be told
             return 1
         _print_outcome(config, outcome.result())
         return 0

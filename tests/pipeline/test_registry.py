@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.config import comparable_on, load_config
+from pipeline.config import comparable_on, load_config, with_overrides
 from pipeline.registry import (
     PromotionDecision,
     RegistryError,
@@ -48,8 +48,9 @@ class Store:
     run_id: str
 
     def register(self, config=MNIST, margin: float = 0.0, **metrics: float) -> PromotionDecision:
+        config = with_overrides(config, {"registry.promotion_margin_nats": margin})
         version = register_version(self.model_uri, config, metrics, self.run_id)
-        return assign_alias(config, metrics, version, margin=margin, client=self.client)
+        return assign_alias(config, metrics, version, client=self.client)
 
     def aliases(self, name: str = "vae-mnist") -> dict[str, str]:
         """Alias -> version, as text (the SQL store gives numbers, the REST store text)."""
@@ -229,6 +230,7 @@ def test_version_tags_carry_the_run_the_config_the_test_metrics_and_the_decision
         "preset": "default",
         "primary_metric": "test_nll_nats",
         "comparable_on": json.dumps(comparable_on(MNIST), sort_keys=True),
+        "promotion_margin_nats": "0.5",
         "test_nll_nats": "88.75",
         "test_elbo_nats": "-94.25",
         "test_bits_per_dim": "0.16",
