@@ -13,6 +13,15 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600
 # from /usr/lib/postgresql/<version>/bin in temporary directories; no cluster of the system's is used.
 POSTGRESQL_PACKAGES := postgresql
 
+# Shell for a recipe: apt-get install the packages $(1), its output shown only when the update or the install fails.
+apt_install = log=$$(mktemp); \
+	if ! { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(1); } >$$log 2>&1; then \
+	  tail -n 40 $$log >&2; rm -f $$log; \
+	  echo "error: apt-get could not install $(1) (the end of its output is above)" >&2; \
+	  exit 1; \
+	fi; \
+	rm -f $$log
+
 .PHONY: install browser postgresql run test bench clean
 
 install: $(VENV)/.installed
@@ -25,7 +34,6 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Installs the browser with apt-get when /usr/bin/chromium or /usr/bin/chromedriver is missing (needs root; CI is).
-# apt-get's output is shown only when the install fails (a source that fails to update may not matter).
 browser:
 	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then \
@@ -34,13 +42,7 @@ browser:
 	    exit 1; \
 	  fi; \
 	  echo "Installing $(BROWSER_PACKAGES) with apt-get, for the browser test..."; \
-	  log=$$(mktemp); \
-	  if ! { $(APT_GET) update; $(APT_GET) install -y --no-install-recommends $(BROWSER_PACKAGES); } >$$log 2>&1; then \
-	    tail -n 40 $$log >&2; rm -f $$log; \
-	    echo "error: apt-get could not install $(BROWSER_PACKAGES) (the end of its output is above)" >&2; \
-	    exit 1; \
-	  fi; \
-	  rm -f $$log; \
+	  $(call apt_install,$(BROWSER_PACKAGES)); \
 	  echo "Installed $$(/usr/bin/chromium --version 2>/dev/null) and $$(/usr/bin/chromedriver --version | cut -d' ' -f1-2)."; \
 	fi
 
@@ -54,13 +56,7 @@ postgresql:
 	    exit 0; \
 	  fi; \
 	  echo "Installing $(POSTGRESQL_PACKAGES) with apt-get, for the team-setup tests..."; \
-	  log=$$(mktemp); \
-	  if ! { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(POSTGRESQL_PACKAGES); } >$$log 2>&1; then \
-	    tail -n 40 $$log >&2; rm -f $$log; \
-	    echo "error: apt-get could not install $(POSTGRESQL_PACKAGES) (the end of its output is above)" >&2; \
-	    exit 1; \
-	  fi; \
-	  rm -f $$log; \
+	  $(call apt_install,$(POSTGRESQL_PACKAGES)); \
 	  echo "Installed $$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) ($$($$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) --version))."; \
 	fi
 

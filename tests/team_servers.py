@@ -119,6 +119,11 @@ def executable(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
+# The pipeline uses none of MLflow's server-side jobs (GenAI scoring, trace archival); without this the server also
+# starts a job runner and six Huey consumer processes of about 240 MB each.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def mlflow_server_command(backend_store_uri: str, artifacts: Path, port: int, workers: int = 1) -> list[str]:
     """`mlflow server` over ``backend_store_uri``, storing and serving artifacts in ``artifacts``, on 127.0.0.1.
 
@@ -139,7 +144,7 @@ def mlflow_server(backend_store_uri: str, directory: Path, port: int | None = No
     directory.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{port}"
     command = mlflow_server_command(backend_store_uri, directory / "artifacts", port)
-    with running(command, ready_url=f"{url}/health", log=directory / "mlflow-server.log"):
+    with running(command, ready_url=f"{url}/health", log=directory / "mlflow-server.log", env=MLFLOW_SERVER_ENV):
         yield url
 
 

@@ -24,7 +24,7 @@ from pipeline import registry
 from pipeline.config import load_config, with_overrides
 from tests.conftest import PROJECT_ROOT, free_port, needs_mirror, running
 from tests.team_servers import (
-    PostgreSQLMissing, mlflow_server, mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server,
+    MLFLOW_SERVER_ENV, PostgreSQLMissing, mlflow_server, mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server,
 )
 from vae.config import ModelConfig
 from vae.models import build_model
@@ -204,7 +204,7 @@ def restartable(postgresql, tmp_path):
 
 
 def server_running(command, url, log: Path):
-    return running(command, ready_url=f"{url}/health", log=log)
+    return running(command, ready_url=f"{url}/health", log=log, env=MLFLOW_SERVER_ENV)
 
 
 def start_flow(arguments, tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
