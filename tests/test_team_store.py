@@ -148,14 +148,14 @@ def test_the_champion_is_the_best_version_when_a_flow_that_decided_before_anothe
         version = registry.register_version(model_uri, config, first, run_id)
         decisions["first"] = registry.assign_alias(config, first, version, client=pausing)
 
-    flow = threading.Thread(target=first_flow)
-    flow.start()
+    deciding = threading.Thread(target=first_flow)
+    deciding.start()
     # The first flow has registered v1 and decided on what it saw (no champion, or v1 alone); it waits to write.
     assert pausing.about_to_write.wait(timeout=300)
     second_version = registry.register_version(model_uri, config, second, run_id)
     decisions["second"] = registry.assign_alias(config, second, second_version, client=MlflowClient())
     pausing.release.set()  # now the first flow writes what it decided on fewer versions, last
-    flow.join(timeout=300)
+    deciding.join(timeout=300)
 
     client = MlflowClient()
     assert {alias: str(number) for alias, number in client.get_registered_model("vae-mnist").aliases.items()} == aliases
@@ -189,8 +189,8 @@ def test_eight_concurrent_training_flows_on_postgresql_lose_nothing_and_leave_th
 
 # --- the tracking server dies in the middle of a run ------------------------------------------------------------------
 
-# Long epochs of a small network (1,500 steps of 20 images), so that the server dies while the flow trains epoch 2.
-LONG_EPOCHS = team_load.SMALL_FLOW | {"data.train_subset": 30_000, "train.batch_size": 20, "train.epochs": 3}
+# Epochs of 300 steps of a small network: the server dies while the flow trains epoch 2 (see Flow.pause_after).
+LONG_EPOCHS = team_load.SMALL_FLOW | {"data.train_subset": 6_000, "train.batch_size": 20, "train.epochs": 3}
 FLOW_TIMEOUT_SECONDS = 900
 
 
@@ -207,32 +207,75 @@ def server_running(command, url, log: Path):
     return running(command, ready_url=f"{url}/health", log=log, env=MLFLOW_SERVER_ENV)
 
 
-def start_flow(arguments, tracking_uri: str, log: Path, **env: str) -> subprocess.Popen:
-    """`flows.py train ...` in a process of its own, reporting to the session's Prefect server."""
-    from prefect.settings import PREFECT_API_URL
+@pytest.fixture
+def flow():
+    """Starts :class:`Flow` processes (``flow(arguments, tracking_uri, log, **env)``); any still running at the end of
+    the test (it failed) are killed, resumed first if paused."""
+    started = []
 
-    environment = team_load.flow_environment(tracking_uri, PREFECT_API_URL.value(), log.parent / f"{log.stem}-home")
-    with open(log, "w") as output:
-        return subprocess.Popen(
+    def start(*args, **kwargs) -> Flow:
+        started.append(Flow(*args, **kwargs))
+        return started[-1]
+
+    yield start
+    for running_flow in started:
+        if running_flow.process.poll() is None:
+            running_flow.process.kill()
+            running_flow.process.wait()
+
+
+class Flow:
+    """`flows.py train ...` in a process of its own, reporting to the session's Prefect server; its output is copied
+    line by line to ``log`` as it comes, so the test reacts to a line at once."""
+
+    def __init__(self, arguments, tracking_uri: str, log: Path, **env: str):
+        from prefect.settings import PREFECT_API_URL
+
+        self.log, self.lines, self.seen = log, [], threading.Condition()
+        environment = team_load.flow_environment(tracking_uri, PREFECT_API_URL.value(), log.parent / f"{log.stem}-home")
+        self.process = subprocess.Popen(
             [sys.executable, "flows.py", "train", *arguments], cwd=PROJECT_ROOT, env={**environment, **env},
-            stdout=output, stderr=subprocess.STDOUT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
+        self.reader = threading.Thread(target=self._copy, daemon=True)
+        self.reader.start()
 
+    def _copy(self) -> None:
+        with open(self.log, "w") as output:
+            for line in self.process.stdout:
+                output.write(line)
+                output.flush()
+                with self.seen:
+                    self.lines.append(line)
+                    self.seen.notify_all()
+        with self.seen:
+            self.lines.append(None)  # the end of its output
+            self.seen.notify_all()
 
-def wait_for_line(process: subprocess.Popen, log: Path, text: str) -> None:
-    deadline = time.monotonic() + FLOW_TIMEOUT_SECONDS
-    while text not in log.read_text():
-        assert process.poll() is None, f"the flow exited with {process.returncode} before {text!r}:\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {text!r} after {FLOW_TIMEOUT_SECONDS} s:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
+    @property
+    def output(self) -> str:
+        return "".join(line for line in self.lines if line is not None)
 
+    def pause_after(self, text: str) -> None:
+        """Wait for a line holding ``text``, then stop the process (SIGSTOP) right there: what it does next, it does
+        only after :meth:`resume`, whatever happened to the servers in between."""
+        with self.seen:
+            arrived = self.seen.wait_for(lambda: None in self.lines or any(text in line for line in self.lines if line), FLOW_TIMEOUT_SECONDS)
+            assert arrived and None not in self.lines, f"no {text!r} before the flow ended or {FLOW_TIMEOUT_SECONDS} s:\n{self.output[-3000:]}"
+            self.process.send_signal(signal.SIGSTOP)
 
-def finished(process: subprocess.Popen, log: Path) -> int:
-    try:
-        return process.wait(timeout=FLOW_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        pytest.fail(f"the flow still ran after {FLOW_TIMEOUT_SECONDS} s:\n{log.read_text()[-3000:]}")
+    def resume(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    def finished(self) -> int:
+        """Its exit code, once it has exited and its output has been read."""
+        try:
+            code = self.process.wait(timeout=FLOW_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"the flow still ran after {FLOW_TIMEOUT_SECONDS} s:\n{self.output[-3000:]}")
+        self.reader.join(timeout=60)
+        return code
 
 
 def settings(overrides) -> list[str]:
@@ -251,18 +294,18 @@ def epoch_values(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int,
 @pytest.mark.usefixtures("prefect_server")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_run_whose_tracking_server_dies_and_restarts_on_the_same_port_and_database_continues_and_finishes_complete(
-    restartable, tmp_path, how
+    restartable, flow, tmp_path, how
 ):
     command, url = restartable
-    log = tmp_path / "flow.log"
     with server_running(command, url, tmp_path / "server-1.log") as server:
-        flow = start_flow(settings(LONG_EPOCHS), url, log)
-        wait_for_line(flow, log, "epoch 1/3")
+        training = flow(settings(LONG_EPOCHS), url, tmp_path / "flow.log")
+        training.pause_after("epoch 1/3")  # epoch 1 is logged; epoch 2 is training
         os.killpg(server.pid, how)  # the whole server: its uvicorn process and anything it started
-        server.wait()
+        server.wait(timeout=120)
+    training.resume()
     time.sleep(2)  # the flow's next request finds nothing listening, and its client starts retrying
     with server_running(command, url, tmp_path / "server-2.log"):
-        assert finished(flow, log) == 0, log.read_text()[-3000:]
+        assert training.finished() == 0, training.output[-3000:]
         client = MlflowClient(url)
         (run,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
         assert run.info.status == "FINISHED"
@@ -279,18 +322,18 @@ def test_a_run_whose_tracking_server_dies_and_restarts_on_the_same_port_and_data
 @needs_mirror
 @pytest.mark.usefixtures("prefect_server")
 def test_a_run_whose_tracking_server_stays_down_fails_clearly_registers_nothing_and_resumes_to_the_uninterrupted_result(
-    restartable, tmp_path
+    restartable, flow, tmp_path
 ):
     command, url = restartable
-    log = tmp_path / "flow.log"
     quick_to_give_up = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
     with server_running(command, url, tmp_path / "server-1.log") as server:
-        flow = start_flow(settings(LONG_EPOCHS), url, log, **quick_to_give_up)
-        wait_for_line(flow, log, "epoch 1/3")
+        training = flow(settings(LONG_EPOCHS), url, tmp_path / "flow.log", **quick_to_give_up)
+        training.pause_after("epoch 1/3")  # epoch 1 is logged; epoch 2 is training
         os.killpg(server.pid, signal.SIGKILL)
-        server.wait()
-    assert finished(flow, log) == 1
-    printed = log.read_text()
+        server.wait(timeout=120)
+    training.resume()
+    assert training.finished() == 1
+    printed = training.output
     run_id = re.search(r"MLflow run ([0-9a-f]{32}) could not be marked FAILED", printed).group(1)
     assert "error: the training flow failed: " in printed and "Connection refused" in printed
     assert f"resume it: flows.py train --resume {run_id}" in printed
@@ -302,10 +345,10 @@ def test_a_run_whose_tracking_server_stays_down_fails_clearly_registers_nothing_
         logged_steps = [metric.step for metric in client.get_metric_history(run_id, "train_elbo_nats")]
         assert logged_steps == [1]  # the server died while epoch 2 trained
 
-        resumed = start_flow(["--resume", run_id], url, tmp_path / "resume.log")
-        assert finished(resumed, tmp_path / "resume.log") == 0, (tmp_path / "resume.log").read_text()[-3000:]
-        uninterrupted = start_flow(settings(LONG_EPOCHS), url, tmp_path / "uninterrupted.log")
-        assert finished(uninterrupted, tmp_path / "uninterrupted.log") == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
+        resumed = flow(["--resume", run_id], url, tmp_path / "resume.log")
+        assert resumed.finished() == 0, resumed.output[-3000:]
+        uninterrupted = flow(settings(LONG_EPOCHS), url, tmp_path / "uninterrupted.log")
+        assert uninterrupted.finished() == 0, uninterrupted.output[-3000:]
 
         (reference,) = [run for run in client.search_runs([client.get_run(run_id).info.experiment_id]) if run.info.run_id != run_id]
         run = client.get_run(run_id)
