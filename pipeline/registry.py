@@ -235,29 +235,28 @@ def standing(versions: Iterable[ModelVersion], by_hand: Mapping[str, object] | N
     champion and challenger and takes only the versions registered after it. Versions without the tags
     :func:`register_version` writes (registered by other tools) hold no alias and change nothing.
     """
-    ordered = sorted(versions, key=lambda found: int(found.version))
-    known = {str(found.version) for found in ordered}
-    held = {"champion": None, "challenger": None}
+    every = {str(found.version): found for found in versions}
+    ordered = sorted(every.values(), key=lambda found: int(found.version))
+    held: dict[str, str | None] = {CHAMPION: None, CHALLENGER: None}
     start = None
-    if by_hand is not None and str(by_hand["version"]) in known:
+    if by_hand is not None and str(by_hand["version"]) in every:
         start = str(by_hand["version"])
-        held = {"champion": start, "challenger": by_hand.get("challenger") if str(by_hand.get("challenger")) in known else None}
+        challenger = by_hand.get("challenger")
+        held = {CHAMPION: start, CHALLENGER: str(challenger) if str(challenger) in every else None}
         ordered = [found for found in ordered if int(found.version) > int(by_hand["after_version"])]
-    entries = {str(found.version): entry for found in ordered if (entry := _entry(found)) is not None}
-    if start is not None:
-        entries.setdefault(start, _entry(next(found for found in versions if str(found.version) == start)))
+    entries = {number: _entry(found) for number, found in every.items()}
     decisions = {}
     for found in ordered:
-        entry = entries.get(str(found.version))
+        entry = entries[str(found.version)]
         if entry is None:
             continue
-        current = entries.get(held["champion"]) if held["champion"] is not None else None
-        if held["champion"] is not None and current is None:  # a hand-picked champion this pipeline did not register
-            current = _Entry(held["champion"], {}, {}, 0.0)
+        current = None
+        if held[CHAMPION] is not None:  # a hand-picked champion this pipeline did not register compares with nothing
+            current = entries[held[CHAMPION]] or _Entry(held[CHAMPION], {}, {}, 0.0)
         decision = _decide(entry, current)
         decisions[entry.version] = decision
         held[decision.alias] = entry.version
-    return Standing(held["champion"], held["challenger"], decisions, start)
+    return Standing(held[CHAMPION], held[CHALLENGER], decisions, start)
 
 
 def settle(name: str, *, client: MlflowClient | None = None) -> Standing:
