@@ -151,8 +151,8 @@ def audit(
                 metric_values += 1
             else:
                 lost.append(f"run {run_id}: no {name}")
-        files = _artifact_paths(client, run_id)
-        grids = sorted(int(path.split("+")[2]) for path in files if path.startswith("images/samples+") and path.endswith(".png"))
+        files = artifact_paths(client, run_id)
+        grids = sample_grid_epochs(files)
         images += len(grids) + sum(path.endswith((".png", ".gif")) for path in RUN_FILES if path in files)
         if grids != list(range(1, epochs + 1)):
             lost.append(f"run {run_id}: sample grids of epochs {grids}, not 1..{epochs}")
@@ -177,11 +177,17 @@ def audit(
     )
 
 
-def _artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+def artifact_paths(client, run_id: str, path: str | None = None) -> list[str]:
+    """Every file a run logged, read back through the client."""
     files = []
     for info in client.list_artifacts(run_id, path):
-        files.extend(_artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
+        files.extend(artifact_paths(client, run_id, info.path) if info.is_dir else [info.path])
     return files
+
+
+def sample_grid_epochs(files: Sequence[str]) -> list[int]:
+    """The epochs of the sample grids among a run's files (images/samples+step+<epoch>+...png), in order."""
+    return sorted(int(path.split("+")[2]) for path in files if path.startswith("images/samples+") and path.endswith(".png"))
 
 
 def _completed_flow_runs(prefect_api_url: str) -> int:

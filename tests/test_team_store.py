@@ -207,14 +207,22 @@ def server_running(command, url, log: Path):
     return running(command, ready_url=f"{url}/health", log=log, env=MLFLOW_SERVER_ENV)
 
 
+@pytest.fixture(scope="module")
+def team_prefect_server(postgresql, tmp_path_factory) -> Iterator[str]:
+    """`prefect server start` on a PostgreSQL database, for the flows of this module's tests; its API URL."""
+    database = postgresql.url(postgresql.create_database(database_name("prefect")), "postgresql+asyncpg")
+    with prefect_server(database, tmp_path_factory.mktemp("prefect")) as api_url:
+        yield api_url
+
+
 @pytest.fixture
-def flow():
-    """Starts :class:`Flow` processes (``flow(arguments, tracking_uri, log, **env)``); any still running at the end of
-    the test (it failed) are killed, resumed first if paused."""
+def flow(team_prefect_server):
+    """Starts :class:`Flow` processes (``flow(arguments, tracking_uri, log, **env)``) reporting to the team's Prefect
+    server; any still running at the end of the test (it failed) are killed."""
     started = []
 
     def start(*args, **kwargs) -> Flow:
-        started.append(Flow(*args, **kwargs))
+        started.append(Flow(*args, prefect_api_url=team_prefect_server, **kwargs))
         return started[-1]
 
     yield start
@@ -225,14 +233,12 @@ def flow():
 
 
 class Flow:
-    """`flows.py train ...` in a process of its own, reporting to the session's Prefect server; its output is copied
-    line by line to ``log`` as it comes, so the test reacts to a line at once."""
+    """`flows.py train ...` in a process of its own; its output is copied line by line to ``log`` as it comes, so the
+    test reacts to a line at once."""
 
-    def __init__(self, arguments, tracking_uri: str, log: Path, **env: str):
-        from prefect.settings import PREFECT_API_URL
-
+    def __init__(self, arguments, tracking_uri: str, log: Path, *, prefect_api_url: str, **env: str):
         self.log, self.lines, self.seen = log, [], threading.Condition()
-        environment = team_load.flow_environment(tracking_uri, PREFECT_API_URL.value(), log.parent / f"{log.stem}-home")
+        environment = team_load.flow_environment(tracking_uri, prefect_api_url, log.parent / f"{log.stem}-home")
         self.process = subprocess.Popen(
             [sys.executable, "flows.py", "train", *arguments], cwd=PROJECT_ROOT, env={**environment, **env},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -291,7 +297,6 @@ def epoch_values(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int,
 
 
 @needs_mirror
-@pytest.mark.usefixtures("prefect_server")
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_run_whose_tracking_server_dies_and_restarts_on_the_same_port_and_database_continues_and_finishes_complete(
     restartable, flow, tmp_path, how
@@ -312,15 +317,14 @@ def test_a_run_whose_tracking_server_dies_and_restarts_on_the_same_port_and_data
         assert {name: [step for step, _ in values] for name, values in epoch_values(client, run.info.run_id).items()} == {
             name: [1, 2, 3] for name in team_load.EPOCH_METRICS if name != "epoch_seconds"
         }
-        files = team_load._artifact_paths(client, run.info.run_id)
-        assert sorted(int(path.split("+")[2]) for path in files if path.startswith("images/samples+")) == [1, 2, 3]
+        files = team_load.artifact_paths(client, run.info.run_id)
+        assert team_load.sample_grid_epochs(files) == [1, 2, 3]
         assert set(team_load.RUN_FILES) <= set(files)
         (version,) = registry.versions_of(client, "vae-mnist")
         assert (version.run_id, version.tags["promotion.decision"]) == (run.info.run_id, "champion")
 
 
 @needs_mirror
-@pytest.mark.usefixtures("prefect_server")
 def test_a_run_whose_tracking_server_stays_down_fails_clearly_registers_nothing_and_resumes_to_the_uninterrupted_result(
     restartable, flow, tmp_path
 ):
