@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 from bench import team_load
 from pipeline import registry
-from pipeline.config import load_config, with_overrides
+from pipeline.config import load_config
 from tests.conftest import PROJECT_ROOT, free_port, needs_mirror, running
 from tests.team_servers import (
     MLFLOW_SERVER_ENV, PostgreSQLMissing, mlflow_server, mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server,
