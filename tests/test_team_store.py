@@ -17,6 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from bench import team_load
@@ -83,8 +84,6 @@ def logged_model(tmp_path: Path) -> tuple[str, str]:
     experiment = client.create_experiment(f"registry-{uuid.uuid4().hex[:6]}", artifact_location=None if mlflow.get_tracking_uri().startswith("http") else (tmp_path / "artifacts").as_uri())
     model = build_model(ModelConfig(hidden_dims=(8,), latent_dim=2), seed=0)
     with mlflow.start_run(experiment_id=experiment) as run:
-        import torch
-
         uri = registry.log_model(model, torch.zeros(2, 1, 28, 28))
     return uri, run.info.run_id
 
