@@ -11,7 +11,20 @@ CHROMIUM ?= /usr/bin/chromium
 CHROMEDRIVER ?= /usr/bin/chromedriver
 APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600
 
-.PHONY: install browser run test bench clean
+# Debian's PostgreSQL, for the tests of the team setup (tests/test_team_store.py): they run its initdb and postgres
+# from /usr/lib/postgresql/<version>/bin in temporary directories; no cluster of the system's is used.
+POSTGRESQL_PACKAGES := postgresql
+
+# Shell for a recipe: apt-get install the packages $(1), its output shown only when the update or the install fails.
+apt_install = log=$$(mktemp); \
+	if ! { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(1); } >$$log 2>&1; then \
+	  tail -n 40 $$log >&2; rm -f $$log; \
+	  echo "error: apt-get could not install $(1) (the end of its output is above)" >&2; \
+	  exit 1; \
+	fi; \
+	rm -f $$log
+
+.PHONY: install browser postgresql run test bench clean
 
 install: $(VENV)/.installed
 
@@ -22,8 +35,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# Installs the browser with apt-get when chromium or chromedriver is missing (needs root; CI is). apt-get's output is
-# shown; when `apt-get update` fails nothing is installed: the package lists may be stale or half-updated.
+# Installs the browser with apt-get when chromium or chromedriver is missing (needs root; CI is).
 browser:
 	@if [ ! -x $(CHROMIUM) ] || [ ! -x $(CHROMEDRIVER) ]; then \
 	  if [ "$$(id -u)" -ne 0 ]; then \
@@ -32,24 +44,32 @@ browser:
 	    exit 1; \
 	  fi; \
 	  echo "Installing $(BROWSER_PACKAGES) with apt-get, for the browser test..."; \
-	  if ! $(APT_GET) update; then \
-	    echo "error: apt-get update failed (its output is above): not installing $(BROWSER_PACKAGES) from stale package lists" >&2; \
-	    exit 1; \
-	  fi; \
-	  if ! $(APT_GET) install -y --no-install-recommends $(BROWSER_PACKAGES); then \
-	    echo "error: apt-get could not install $(BROWSER_PACKAGES) (its output is above)" >&2; \
-	    exit 1; \
-	  fi; \
+	  $(call apt_install,$(BROWSER_PACKAGES)); \
 	  echo "Installed $$($(CHROMIUM) --version 2>/dev/null) and $$($(CHROMEDRIVER) --version | cut -d' ' -f1-2)."; \
+	fi
+
+# Installs PostgreSQL with apt-get when no initdb is found (needs root; CI is). Without root it says what to run, and
+# the PostgreSQL tests then skip with that reason (an error where CI is set).
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "warning: the team-setup tests need Debian's PostgreSQL server (initdb and postgres), which is not installed." >&2; \
+	    echo "         Install it as root: run 'make postgresql' as root, or 'sudo apt-get install $(POSTGRESQL_PACKAGES)'." >&2; \
+	    exit 0; \
+	  fi; \
+	  echo "Installing $(POSTGRESQL_PACKAGES) with apt-get, for the team-setup tests..."; \
+	  $(call apt_install,$(POSTGRESQL_PACKAGES)); \
+	  echo "Installed $$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) ($$($$(ls -d /usr/lib/postgresql/*/bin/postgres | tail -n 1) --version))."; \
 	fi
 
 run: install
 	$(BIN)/python flows.py train $(ARGS)
 
-# Where the browser cannot be installed (not root, no network) the tests run without it: the browser test skips
-# saying why, or fails where the browser is required (CI, or VAE_REQUIRE_BROWSER=1).
+# Where the browser or PostgreSQL cannot be installed (not root, no network) the tests run without it: the tests
+# that need it skip saying why, or fail where it is required (CI, or VAE_REQUIRE_BROWSER=1 / VAE_REQUIRE_POSTGRESQL=1).
 test: install
 	@$(MAKE) --no-print-directory browser || echo "warning: no browser, so the browser test will skip (an error in CI or with VAE_REQUIRE_BROWSER=1); running the tests" >&2
+	@$(MAKE) --no-print-directory postgresql || echo "warning: no PostgreSQL, so the team-setup tests will skip (an error in CI); running the tests" >&2
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install

@@ -137,7 +137,7 @@ def tracked_training(
             model_uri = log_model(model, prepared.test.pixels[:4])
         if model_step == "register":
             version = register_model(model_uri, config, metrics, run.info.run_id)
-            decision = promote_model(config, metrics, version, margin=config.registry.promotion_margin_nats)
+            decision = promote_model(config, metrics, version)
     return TrainingOutcome(
         run_id=run.info.run_id,
         experiment_id=run.info.experiment_id,
@@ -270,7 +270,7 @@ def run_sweep(base: RunConfig, grid: dict[str, list[Any]], samples: int | None =
         version = decision = None
         if base.registry.enabled:
             version = register_model(best.model_uri, best.trial.config, best.metrics, best.run_id)
-            decision = promote_model(best.trial.config, best.metrics, version, margin=base.registry.promotion_margin_nats)
+            decision = promote_model(best.trial.config, best.metrics, version)
     return SweepOutcome(
         run_id=parent.info.run_id,
         experiment_id=parent.info.experiment_id,

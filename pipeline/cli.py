@@ -325,6 +325,8 @@ def _flow_failed(flow: str, state: State) -> int:
     else:
         print("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
         print(f"error: {flow} failed: {type(error).__name__}: {error}", file=sys.stderr)
+    for note in getattr(error, "__notes__", []) if isinstance(error, BaseException) else []:
+        print(f"  {note}", file=sys.stderr)  # e.g. which run to resume when the store could not be told
     return 1
 
 

@@ -1,11 +1,22 @@
-"""Log the trained model, register it under a name per data set, and promote it by aliases (never stages)."""
+"""Log the trained model, register it under a name per comparable family, and promote it by aliases (never stages).
+
+Who holds ``champion`` and ``challenger`` is a pure function of the registered versions (see :func:`standing`), and
+every writer of the aliases (each training flow after registering, ``flows.py promote``) writes what that function
+says, then reads back and writes again until what it reads is what the function says (:func:`settle`). So the aliases
+end right whatever the interleaving of concurrent flows, on any store (a SQLite file, a tracking server on
+PostgreSQL), with or without a Prefect server: the last writer always writes the right answer. A Prefect global
+concurrency limit around a read-decide-write was the other candidate; it protects only flows that share one Prefect
+server (not the default ephemeral mode, where each flow has its own, nor hand promotions, nor scripts), and a holder
+killed mid-promotion leaves its slot taken.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import mlflow
 import pandas as pd
@@ -15,7 +26,7 @@ from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE, ErrorCode
 from torch import Tensor
 
 from pipeline import tracking
@@ -26,6 +37,9 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME = "model"  # the logged model's name inside its run
 COMPARABLE_ON_TAG = "comparable_on"  # on each version: JSON of the fields its test numbers compare on
+MARGIN_TAG = "promotion_margin_nats"  # on each version: by how much it had to beat the champion
+HAND_PROMOTION_TAG = "champion.by_hand"  # on the registered model: JSON of the latest promotion by hand
+SETTLE_ROUNDS = 20  # each round that writes follows another writer's write; far more than concurrent flows need
 
 
 class RegistryError(LookupError):
@@ -37,7 +51,7 @@ class PromotionDecision:
     """Which alias a new version got, and why, in a sentence a person reads."""
 
     version: str
-    alias: str  # CHAMPION or CHALLENGER
+    alias: str | None  # CHAMPION or CHALLENGER; None for a version registered before a later promotion by hand
     promoted: bool
     metric: str
     value: float
@@ -128,7 +142,8 @@ def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
 
 def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, float], run_id: str) -> str:
     """Register a new version under the name of the config's comparable family (:attr:`RunConfig.model_name`), tagged
-    with its run, data, preset, test metrics and what its test numbers compare on (``comparable_on``, JSON)."""
+    with its run, data, preset, test metrics, what its test numbers compare on (``comparable_on``, JSON) and its
+    promotion margin: all that the promotion rule reads, written with the version in one request."""
     metric, _, _ = primary_metric(metrics)
     tags = {
         "run_id": run_id,
@@ -137,6 +152,7 @@ def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, fl
         "preset": config.preset,
         "primary_metric": metric,
         COMPARABLE_ON_TAG: json.dumps(comparable_on(config), sort_keys=True),
+        MARGIN_TAG: repr(float(config.registry.promotion_margin_nats)),
         **{key: repr(float(number)) for key, number in metrics.items() if key.startswith("test_")},
     }
     # MLflow's own registration (it links the logged model to the version) uses the configured URIs, as does the
@@ -145,55 +161,133 @@ def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, fl
 
 
 def assign_alias(
-    config: RunConfig,
-    metrics: Mapping[str, float],
-    version: str,
-    *,
-    margin: float = 0.0,
-    client: MlflowClient | None = None,
+    config: RunConfig, metrics: Mapping[str, float], version: str, *, client: MlflowClient | None = None
 ) -> PromotionDecision:
-    """Make ``version`` champion or challenger, recording the decision on it as ``promotion.*`` tags and description.
+    """Settle the aliases of the config's registered model now that ``version`` is registered (see :func:`settle`), and
+    record the decision on ``version`` as ``promotion.*`` tags and description (``demoted_by`` on the champion it
+    replaced).
 
-    It becomes champion when there is none yet, or when the champion's test numbers compare with its own (the same
-    :func:`pipeline.config.comparable_on`) and the new primary metric beats the champion's by more than ``margin``
-    nats; otherwise it becomes challenger.
+    A version becomes champion when there is none yet, or when the champion's test numbers compare with its own (the
+    same :func:`pipeline.config.comparable_on`) and its primary metric beats the champion's by more than its
+    ``registry.promotion_margin_nats``; otherwise it becomes challenger. ``metrics`` are the test metrics it was
+    registered with: a RegistryError if its tags say otherwise (the wrong version number).
     """
     client = client or MlflowClient()
     name = config.model_name
-    metric, value, lower_is_better = primary_metric(metrics)
-    current = champion(name, client=client)
-    decision = _decide(version, comparable_on(config), metric, value, lower_is_better, margin, current)
-    client.set_registered_model_alias(name, decision.alias, decision.version)
-    if decision.promoted and current is not None:
-        client.set_model_version_tag(name, current.version, "demoted_by", decision.version)
+    registered = _model_version(client, name, str(version))
+    mismatched = sorted(key for key, value in metrics.items() if key.startswith("test_") and registered.tags.get(key) != repr(float(value)))
+    if mismatched:
+        raise RegistryError(f"{name} version {version} was registered with other {', '.join(mismatched)} than these metrics")
+    settled = settle(name, client=client)
+    decision = settled.decisions.get(str(version)) or _decided_by_hand(str(version), settled, primary_metric(metrics))
+    if decision.promoted and decision.champion_version is not None:
+        client.set_model_version_tag(name, decision.champion_version, "demoted_by", decision.version)
     outcome = {
-        "promotion.decision": decision.alias,
+        "promotion.decision": decision.alias or "none",
         "promotion.reason": decision.reason,
         "promotion.champion_version": decision.champion_version or "none",
         "promotion.champion_value": "none" if decision.champion_value is None else repr(decision.champion_value),
     }
     for key, text in outcome.items():
         client.set_model_version_tag(name, decision.version, key, text)
-    client.update_model_version(name, decision.version, description=f"Registered as {decision.alias}: {decision.reason}.")
+    client.update_model_version(name, decision.version, description=f"Registered as {decision.alias or 'neither champion nor challenger'}: {decision.reason}.")
     return decision
 
 
 def promote(name: str, version: str | int, reason: str, *, client: MlflowClient | None = None) -> None:
-    """Move ``champion`` to ``version`` by hand, recording ``reason`` on it and ``demoted_by`` on the old champion."""
+    """Move ``champion`` to ``version`` by hand, recording ``reason`` on it and ``demoted_by`` on the old champion.
+
+    The promotion is recorded on the registered model (``champion.by_hand``: the version, the newest version then, and
+    the challenger, which loses its alias if it is the promoted version), so that :func:`standing` starts from it:
+    versions registered afterwards challenge the hand-picked champion under the usual rule.
+    """
     client = client or MlflowClient()
     version = str(version)
     target = _model_version(client, name, version)
     previous = champion(name, client=client)
-    client.set_registered_model_alias(name, CHAMPION, version)
-    if CHALLENGER in target.aliases:
-        client.delete_registered_model_alias(name, CHALLENGER)
+    newest = max(int(found.version) for found in versions_of(client, name))
+    challenger = {alias: str(number) for alias, number in client.get_registered_model(name).aliases.items()}.get(CHALLENGER)
+    record = {"version": version, "after_version": newest, "challenger": None if challenger == version else challenger}
     client.set_model_version_tag(name, version, "promoted_by_hand", reason)
+    client.set_registered_model_tag(name, HAND_PROMOTION_TAG, json.dumps(record, sort_keys=True))
+    settle(name, client=client)
     if previous is not None and previous.version != target.version:
         client.set_model_version_tag(name, previous.version, "demoted_by", version)
     was = f" (replacing v{previous.version})" if previous is not None and previous.version != target.version else ""
     note = f"Promoted to champion by hand{was}: {reason}"
     description = f"{target.description}\n{note}" if target.description else note
     client.update_model_version(name, version, description=description)
+
+
+@dataclass(frozen=True)
+class Standing:
+    """Who holds which alias, as the registered versions imply, and the decision each ranked version got."""
+
+    champion: str | None
+    challenger: str | None
+    decisions: dict[str, PromotionDecision] = field(default_factory=dict)
+    by_hand: str | None = None  # the version promoted by hand that the rule started from
+
+
+def standing(versions: Iterable[ModelVersion], by_hand: Mapping[str, object] | None = None) -> Standing:
+    """The champion and challenger that ``versions`` (of one registered model) imply, as if each had been decided on
+    its own, one after another in version order, by the rule :func:`assign_alias` states.
+
+    ``by_hand`` is the model's latest promotion by hand (its ``champion.by_hand`` tag): the rule then starts from its
+    champion and challenger and takes only the versions registered after it. Versions without the tags
+    :func:`register_version` writes (registered by other tools) hold no alias and change nothing.
+    """
+    every = {str(found.version): found for found in versions}
+    ordered = sorted(every.values(), key=lambda found: int(found.version))
+    held: dict[str, str | None] = {CHAMPION: None, CHALLENGER: None}
+    start = None
+    if by_hand is not None and str(by_hand["version"]) in every:
+        start = str(by_hand["version"])
+        challenger = by_hand.get("challenger")
+        held = {CHAMPION: start, CHALLENGER: str(challenger) if str(challenger) in every else None}
+        ordered = [found for found in ordered if int(found.version) > int(by_hand["after_version"])]
+    entries = {number: _entry(found) for number, found in every.items()}
+    decisions = {}
+    for found in ordered:
+        entry = entries[str(found.version)]
+        if entry is None:
+            continue
+        current = None
+        if held[CHAMPION] is not None:  # a hand-picked champion this pipeline did not register compares with nothing
+            current = entries[held[CHAMPION]] or _Entry(held[CHAMPION], {}, {}, 0.0)
+        decision = _decide(entry, current)
+        decisions[entry.version] = decision
+        held[decision.alias] = entry.version
+    return Standing(held[CHAMPION], held[CHALLENGER], decisions, start)
+
+
+def settle(name: str, *, client: MlflowClient | None = None) -> Standing:
+    """Make the aliases of ``name`` what :func:`standing` says of its versions, and return that standing.
+
+    Writes the aliases that differ, then reads everything again, until what it reads is what the rule says: a
+    concurrent writer that decided on fewer versions may write after us, but then it reads back and writes again, so
+    the last write is always made on all versions registered by then (a version is registered before its flow
+    settles). A RegistryError if the aliases still move after SETTLE_ROUNDS rounds.
+    """
+    client = client or MlflowClient()
+    for _ in range(SETTLE_ROUNDS):
+        model = client.get_registered_model(name)
+        record = model.tags.get(HAND_PROMOTION_TAG)
+        wanted = standing(versions_of(client, name), json.loads(record) if record else None)
+        held = {alias: str(number) for alias, number in model.aliases.items()}
+        targets = {CHAMPION: wanted.champion, CHALLENGER: wanted.challenger}
+        if all(held.get(alias) == target for alias, target in targets.items()):
+            return wanted
+        for alias, target in targets.items():
+            try:
+                if target is None and alias in held:
+                    client.delete_registered_model_alias(name, alias)
+                elif target is not None and held.get(alias) != target:
+                    client.set_registered_model_alias(name, alias, target)
+            except MlflowException as error:
+                if not _lost_to_another_writer(error):
+                    raise  # else the next round reads what the other writer wrote
+    raise RegistryError(f"the aliases of {name!r} kept changing under concurrent writers for {SETTLE_ROUNDS} rounds")
 
 
 def champion(name: str, *, client: MlflowClient | None = None) -> ModelVersion | None:
@@ -208,37 +302,62 @@ def champion(name: str, *, client: MlflowClient | None = None) -> ModelVersion |
     return None if version is None else client.get_model_version(name, str(version))
 
 
-def _decide(
-    version: str,
-    ours: Mapping[str, object],
-    metric: str,
-    value: float,
-    lower_is_better: bool,
-    margin: float,
-    current: ModelVersion | None,
-) -> PromotionDecision:
+@dataclass(frozen=True)
+class _Entry:
+    """What the promotion rule knows of a registered version: its test numbers, what they compare on, its margin."""
+
+    version: str
+    comparable_on: Mapping[str, object]
+    metrics: Mapping[str, float]
+    margin: float
+
+
+def _entry(version: ModelVersion) -> _Entry | None:
+    """A version as the rule sees it, from the tags :func:`register_version` wrote; None without test metrics."""
+    metrics = {key: float(value) for key, value in version.tags.items() if key.startswith("test_")}
+    try:
+        primary_metric(metrics)
+    except KeyError:
+        return None
+    if COMPARABLE_ON_TAG in version.tags and MARGIN_TAG in version.tags:
+        return _Entry(str(version.version), json.loads(version.tags[COMPARABLE_ON_TAG]), metrics, float(version.tags[MARGIN_TAG]))
+    # versions registered before these tags existed: from the config of the run that logged them
+    compared, margin = _from_run_config(version.run_id)
+    return _Entry(str(version.version), json.loads(version.tags.get(COMPARABLE_ON_TAG, compared)), metrics, margin)
+
+
+@lru_cache(maxsize=256)
+def _from_run_config(run_id: str) -> tuple[str, float]:
+    config = tracking.run_config(run_id)
+    return json.dumps(comparable_on(config), sort_keys=True), config.registry.promotion_margin_nats
+
+
+def _decide(entry: _Entry, current: _Entry | None) -> PromotionDecision:
+    metric, value, lower_is_better = primary_metric(entry.metrics)
+
     def decided(promoted: bool, reason: str, champion_value: float | None = None) -> PromotionDecision:
         return PromotionDecision(
-            version=version,
+            version=entry.version,
             alias=CHAMPION if promoted else CHALLENGER,
             promoted=promoted,
             metric=metric,
             value=value,
-            champion_version=None if current is None else str(current.version),
+            champion_version=None if current is None else current.version,
             champion_value=champion_value,
             reason=reason,
         )
 
+    margin = entry.margin
     if not math.isfinite(value):
         return decided(False, f"{metric} is {value}: not a number to promote on")
     if current is None:
-        return decided(True, f"no champion yet: v{version} ({metric} {value:.2f}) becomes champion")
-    changes = comparability_changes(ours, _comparable_on(current))
+        return decided(True, f"no champion yet: v{entry.version} ({metric} {value:.2f}) becomes champion")
+    changes = comparability_changes(entry.comparable_on, current.comparable_on)
     if changes:
         return decided(False, f"not comparable with champion v{current.version}: {'; '.join(changes)}")
-    if metric not in current.tags:
+    if metric not in current.metrics:
         return decided(False, f"not comparable with champion v{current.version}: it has no {metric}")
-    best = float(current.tags[metric])
+    best = current.metrics[metric]
     gain = best - value if lower_is_better else value - best
     if gain > margin:
         return decided(
@@ -252,6 +371,44 @@ def _decide(
         f"{margin:.2f} (difference {gain:.2f}, {'lower' if lower_is_better else 'higher'} is better)",
         best,
     )
+
+
+def _decided_by_hand(version: str, settled: Standing, primary: tuple[str, float, bool]) -> PromotionDecision:
+    """The decision of a version that a later promotion by hand took out of the rule's hands."""
+    metric, value, _ = primary
+    alias = CHAMPION if settled.champion == version else CHALLENGER if settled.challenger == version else None
+    return PromotionDecision(
+        version=version, alias=alias, promoted=False, metric=metric, value=value,
+        champion_version=settled.champion, champion_value=None,
+        reason=f"v{settled.by_hand} was promoted to champion by hand after v{version} was registered",
+    )
+
+
+def _lost_to_another_writer(error: MlflowException) -> bool:
+    """Whether an alias write failed only because another writer changed the same alias at the same moment.
+
+    MLflow's SQL store sets an alias by reading it, then inserting or updating it: two writers that both read "none"
+    both insert, and the second fails on the alias's unique key (PostgreSQL: UniqueViolation; SQLite: IntegrityError,
+    or the database is locked), which the store and the tracking server report as BAD_REQUEST or
+    TEMPORARILY_UNAVAILABLE; a deletion that another writer made first is RESOURCE_DOES_NOT_EXIST.
+    """
+    if error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+        return True
+    conflict = ("UniqueViolation", "IntegrityError", "UNIQUE constraint failed", "database is locked")
+    return error.error_code in (ErrorCode.Name(BAD_REQUEST), ErrorCode.Name(TEMPORARILY_UNAVAILABLE)) and any(
+        text in error.message for text in conflict
+    )
+
+
+def versions_of(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of the registered model ``name``, with its tags, through all pages of the search."""
+    versions, token = [], None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", page_token=token)
+        versions.extend(page)
+        token = page.token
+        if not token:
+            return versions
 
 
 # The leaderboard's columns, in order; "model" only when it lists several registered models.
@@ -278,7 +435,7 @@ def leaderboard(name: str | None = None, *, client: MlflowClient | None = None) 
         if not models:
             raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}")
     aliases = {model.name: model.aliases for model in models}
-    versions = [version for model in models for version in client.search_model_versions(f"name = '{model.name}'")]
+    versions = [version for model in models for version in versions_of(client, model.name)]
     runs = _runs_by_id(client, {version.run_id for version in versions if version.run_id})
     board = pd.DataFrame(
         [_leaderboard_row(version, aliases[version.name], runs.get(version.run_id)) for version in versions],
@@ -312,14 +469,6 @@ def _runs_by_id(client: MlflowClient, run_ids: set[str]) -> dict[str, Run]:
     quoted = ", ".join(f"'{run_id}'" for run_id in sorted(run_ids))
     runs = client.search_runs(experiments, f"attributes.run_id IN ({quoted})", max_results=len(run_ids))
     return {run.info.run_id: run for run in runs}
-
-
-def _comparable_on(version: ModelVersion) -> Mapping[str, object]:
-    """What a registered version's test numbers compare on: its tag, else (versions registered before the tag
-    existed) computed from its run's config."""
-    if COMPARABLE_ON_TAG in version.tags:
-        return json.loads(version.tags[COMPARABLE_ON_TAG])
-    return comparable_on(tracking.run_config(version.run_id))
 
 
 def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:

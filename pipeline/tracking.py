@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
 import torch
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import RunStatus
+from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
@@ -208,11 +210,50 @@ def start_run(
         mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
         yield run
     except BaseException as error:
-        _record_error(error)
-        status = RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
-        mlflow.end_run(RunStatus.to_string(status))
+        status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
+        # When the store is what failed, the client has just spent all its retries on it: ask once more, not for minutes.
+        with _http_retries(1 if store_unreachable(error) else None):
+            _record_error(error)
+            try:
+                mlflow.end_run(status)
+            except Exception as failure:
+                run_id = run.info.run_id
+                error.add_note(
+                    f"MLflow run {run_id} could not be marked {status} ({type(failure).__name__}), so the store still "
+                    f"shows it RUNNING. Once the tracking store answers again, resume it: flows.py train --resume "
+                    f"{run_id}"
+                )  # (mlflow.end_run has forgotten the run in this process before telling the store)
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def store_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` comes from the tracking server not answering (refused, reset or timed out) after the
+    client's retries, rather than from the run itself."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@contextmanager
+def _http_retries(retries: int | None) -> Iterator[None]:
+    """MLflow's client retries each HTTP request this many times inside the block (it reads the variable per request);
+    None leaves the setting alone."""
+    if retries is None:
+        yield
+        return
+    previous = os.environ.get(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name)
+    os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = str(retries)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(MLFLOW_HTTP_REQUEST_MAX_RETRIES.name, None)
+        else:
+            os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = previous
 
 
 def run_config(run_id: str) -> RunConfig:

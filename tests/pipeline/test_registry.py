@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
-from pipeline.config import comparable_on, load_config
+from pipeline.config import comparable_on, load_config, with_overrides
 from pipeline.registry import (
     PromotionDecision,
     RegistryError,
@@ -23,6 +24,8 @@ from pipeline.registry import (
     primary_metric,
     promote,
     register_version,
+    settle,
+    standing,
 )
 from vae.config import ModelConfig
 from vae.models import VAE, ServingVAE, build_model
@@ -48,8 +51,9 @@ class Store:
     run_id: str
 
     def register(self, config=MNIST, margin: float = 0.0, **metrics: float) -> PromotionDecision:
+        config = with_overrides(config, {"registry.promotion_margin_nats": margin})
         version = register_version(self.model_uri, config, metrics, self.run_id)
-        return assign_alias(config, metrics, version, margin=margin, client=self.client)
+        return assign_alias(config, metrics, version, client=self.client)
 
     def aliases(self, name: str = "vae-mnist") -> dict[str, str]:
         """Alias -> version, as text (the SQL store gives numbers, the REST store text)."""
@@ -232,6 +236,7 @@ def test_version_tags_carry_the_run_the_config_the_test_metrics_and_the_decision
         "preset": "default",
         "primary_metric": "test_nll_nats",
         "comparable_on": json.dumps(comparable_on(MNIST), sort_keys=True),
+        "promotion_margin_nats": "0.5",
         "test_nll_nats": "88.75",
         "test_elbo_nats": "-94.25",
         "test_bits_per_dim": "0.16",
@@ -276,3 +281,46 @@ def test_a_fashion_mnist_model_does_not_compete_with_mnist(store):
     assert store.aliases("vae-fashion-mnist") == {"champion": "1"}
     assert store.aliases("vae-mnist") == {"champion": "1"}
     assert champion("vae-cifar", client=store.client) is None
+
+
+def registered(version: int, nll: float, margin: float = 0.0, config=MNIST) -> ModelVersion:
+    """A version as the registry lists it, with the tags register_version writes."""
+    tags = {"test_nll_nats": repr(nll), "comparable_on": json.dumps(comparable_on(config), sort_keys=True), "promotion_margin_nats": repr(margin)}
+    return ModelVersion("vae-mnist", str(version), 0, tags=[ModelVersionTag(key, value) for key, value in tags.items()])
+
+
+def test_the_standing_is_the_rule_applied_in_version_order_whatever_order_the_versions_are_listed_in():
+    versions = [registered(1, 89.0), registered(2, 89.5), registered(3, 88.5, margin=1.0), registered(4, 88.0), registered(5, 90.0)]
+    expected = (
+        "4", "5",
+        {"1": ("champion", None), "2": ("challenger", "1"), "3": ("challenger", "1"), "4": ("champion", "1"), "5": ("challenger", "4")},
+    )
+
+    for listed in (versions, versions[::-1], [versions[2], versions[0], versions[4], versions[1], versions[3]]):
+        result = standing(listed)
+        decisions = {version: (d.alias, d.champion_version) for version, d in result.decisions.items()}
+        assert (result.champion, result.challenger, decisions) == expected
+
+
+def test_a_version_registered_by_another_tool_without_test_metrics_holds_no_alias_and_changes_nothing():
+    bare = ModelVersion("vae-mnist", "2", 0, tags=[])
+
+    result = standing([registered(1, 89.0), bare, registered(3, 90.0)])
+
+    assert (result.champion, result.challenger, sorted(result.decisions)) == ("1", "3", ["1", "3"])
+
+
+def test_settling_after_a_promotion_by_hand_keeps_the_hand_picked_champion_and_later_versions_challenge_it(store):
+    store.register(test_nll_nats=89.0)
+    store.register(test_nll_nats=89.6)
+    promote("vae-mnist", 2, "sharper samples", client=store.client)
+
+    assert settle("vae-mnist", client=store.client).champion == "2"  # v1 is better, but a person chose v2
+    assert store.aliases() == {"champion": "2"}
+    worse = store.register(test_nll_nats=89.8)
+    better = store.register(test_nll_nats=89.4)
+
+    assert (worse.alias, worse.champion_version, better.alias, better.champion_version) == ("challenger", "2", "champion", "2")
+    assert better.reason == "test_nll_nats 89.40 beats champion v2 (89.60) by 0.20 > margin 0.00"
+    assert store.aliases() == {"champion": "4", "challenger": "3"}
+    assert store.client.get_model_version("vae-mnist", "2").tags["demoted_by"] == "4"
