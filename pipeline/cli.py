@@ -53,6 +53,9 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
     print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
     if "test_nll_nats" in metrics:
         print(f"  test NLL (IWAE) {metrics['test_nll_nats']:9.2f} nats  ({metrics['test_bits_per_dim']:.4f} bits/dim, k={config.eval.iwae_samples})")
+    if "test_fid" in metrics:
+        print(f"  FID (samples)   {metrics['test_fid']:9.2f}       (reconstructions {metrics['test_reconstruction_fid']:.2f}, "
+              f"{metrics['test_reconstruction_accuracy']:.2%} of them classified as their image)")
     if note := likelihood_note(config):
         print(f"  note            {note}")
 
