@@ -27,11 +27,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs of the MLP presets (default: %(default)s)")
     parser.add_argument("--conv-epochs", type=int, default=3, help="epochs of the conv presets (default: %(default)s)")
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), help="which presets (default: all)")
+    parser.add_argument("--datasets", nargs="*", default=["mnist", "fashion-mnist"], help="which data sets (default: both)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipe = ClassifierConfig()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; classifier recipe {recipe}", flush=True)
     classifiers, grayscale = {}, {}
-    for dataset in ("mnist", "fashion-mnist"):
+    for dataset in args.datasets:
         raw = data.load(dataset)
         train = binarize(raw.train_images, raw.train_labels, "none")
         test = binarize(raw.test_images, raw.test_labels, "none")
@@ -53,7 +57,7 @@ def main() -> None:
 
     print("\n| preset | epochs | test_fid | test_reconstruction_fid | test_reconstruction_accuracy | training s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
-    for preset in args.presets:
+    for preset in [name for name in args.presets if PRESETS[name]["data"]["dataset"] in args.datasets]:
         epochs = args.conv_epochs if PRESETS[preset]["model"]["architecture"] == "conv" else args.epochs
         config = load_config(preset, {"train.epochs": epochs, "train.device": "cpu"})
         prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset))
