@@ -4,7 +4,7 @@
     VAE_DATA_MIRROR=../shared/data .venv/bin/python bench/fid.py --epochs 10 --conv-epochs 3
 
 Trains with the engine alone (no Prefect, no MLflow): the figures are those a training run logs as test_fid,
-test_reconstruction_fid and test_reconstruction_accuracy, with the registered classifier of the default recipe.
+test_reconstruction_fid and test_reconstruction_accuracy, on a classifier of the (default) recipe as a run registers it.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), help="which presets (default: all)")
     parser.add_argument("--datasets", nargs="*", default=["mnist", "fashion-mnist"], help="which data sets (default: both)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--recipe", default="{}", help='classifier recipe fields over the default, as JSON: \'{"epochs": 5}\'')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = ClassifierConfig()
+    recipe = ClassifierConfig.model_validate_json(args.recipe)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; classifier recipe {recipe}", flush=True)
     classifiers, grayscale = {}, {}
     for dataset in args.datasets:
