@@ -22,12 +22,15 @@ from vae.distributed import resolve_device
 NUM_CLASSES = 10
 # The network's layout, stored in every weights file: a change of layout must not load old weights (or reuse an old
 # registered classifier), so it is part of what identifies a classifier.
-ARCHITECTURE = "conv3x3-pool-conv3x3-pool-dense-relu/1"
+ARCHITECTURE = "conv3x3-bn-pool-conv3x3-bn-pool-dense-relu/2"
 
 
 class Classifier(nn.Module):
-    """Two 3x3 convolutions, each followed by ReLU and 2x2 max-pooling, a dense ReLU layer of ``feature_dim``
-    features (the penultimate layer, see :meth:`features`), dropout and the linear layer to the class logits."""
+    """Two 3x3 convolutions, each followed by batch normalization, ReLU and 2x2 max-pooling, a dense ReLU layer of
+    ``feature_dim`` features (the penultimate layer, ``features``), dropout and the linear layer to the class logits.
+
+    Batch normalization is what lets three epochs reach 99% on MNIST and 90% on Fashion-MNIST (without it the same
+    network stops at 98.89% and 89.96%, see BENCHMARKS.md)."""
 
     def __init__(self, config: ClassifierConfig, image_shape: tuple[int, int, int] = (1, 28, 28)):
         super().__init__()
@@ -38,11 +41,11 @@ class Classifier(nn.Module):
         self.config, self.image_shape = config, tuple(image_shape)
         self.num_features = config.feature_dim  # torchmetrics' FID reads the feature dimension from here
         self.features = nn.Sequential(
-            nn.Conv2d(channels, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(c2 * (height // 4) * (width // 4), config.feature_dim), nn.ReLU(),
         )
-        self.head = nn.Sequential(nn.Dropout(0.5), nn.Linear(config.feature_dim, NUM_CLASSES))
+        self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, NUM_CLASSES))
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits [N, 10] of images [N, C, H, W] in [0, 1]."""

@@ -98,6 +98,7 @@ class ClassifierConfig(_Settings):
 
     conv_channels: tuple[PositiveInt, PositiveInt] = (32, 64)
     feature_dim: int = Field(128, gt=0)  # the penultimate layer: the space the Frechet distance is measured in
+    dropout: float = Field(0.25, ge=0, lt=1)  # on the features, in training only
     epochs: int = Field(3, gt=0)
     batch_size: int = Field(128, gt=0)
     learning_rate: float = Field(2e-3, gt=0)

@@ -42,7 +42,7 @@ def test_the_classifier_is_trained_tracked_and_registered_once_then_found(mnist_
     assert run.data.tags[KEY_TAG] == classifier_key(TINY, data.DATASETS["mnist"].digest)
     assert run.data.tags["dataset_digest"] == data.DATASETS["mnist"].digest
     assert run.data.params == {
-        "classifier.conv_channels": "[4, 8]", "classifier.feature_dim": "32", "classifier.epochs": "2",
+        "classifier.conv_channels": "[4, 8]", "classifier.feature_dim": "32", "classifier.dropout": "0.25", "classifier.epochs": "2",
         "classifier.batch_size": "25", "classifier.learning_rate": "0.01", "classifier.train_subset": "2000",
         "classifier.seed": "0",
     }

@@ -26,13 +26,13 @@ def squares(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_the_classifier_maps_images_through_features_of_the_recipe_width_to_ten_logits():
-    classifier = build_classifier(ClassifierConfig(conv_channels=(8, 16), feature_dim=32))
+    classifier = build_classifier(ClassifierConfig(conv_channels=(8, 16), feature_dim=32)).eval()
     images = torch.rand(5, 1, 28, 28)
     features = classifier.features(images)
     assert features.shape == (5, 32) and classifier.num_features == 32
     assert bool((features >= 0).all())  # the penultimate layer is a ReLU
     assert classifier(images).shape == (5, 10)
-    assert torch.equal(classifier.eval()(images), classifier.head(features))
+    assert torch.equal(classifier(images), classifier.head(features))
 
 
 def test_images_whose_side_is_not_a_multiple_of_4_are_refused():
