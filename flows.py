@@ -162,6 +162,9 @@ def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
     """The flow run's report: test metrics, the MLflow run and how to open it, and the registry outcome."""
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in outcome.metrics.items())
     note = training.likelihood_note(config)
+    address = tracking.ui_url(outcome.experiment_id, outcome.run_id, tracking_uri=outcome.tracking_uri)
+    local = not outcome.tracking_uri.startswith(("http://", "https://"))
+    ui_link = f"[open it in the MLflow UI]({address})" + (" once `python flows.py ui` serves the store" if local else "")
     if outcome.version is None:
         registry_text = "Not registered (`registry.enabled` is false)."
     else:
@@ -179,8 +182,7 @@ def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
 {f"{chr(10)}Note: {note}.{chr(10)}" if note else ""}
 ## MLflow
 
-Run `{outcome.run_id}` in experiment `{outcome.experiment_id}` of `{outcome.tracking_uri}`.
-Open it with `python flows.py ui` and follow the experiment `{config.experiment_name}`.
+Run `{outcome.run_id}` in experiment `{config.experiment_name}` of `{outcome.tracking_uri}`: {ui_link}.
 
 ## Registry
 

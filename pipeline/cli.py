@@ -19,6 +19,8 @@ from pipeline.config import (
 )
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from flows import TrainingOutcome
 
 NO_PREFECT_SERVER = """scheduled retraining needs a Prefect server, and PREFECT_API_URL names none (without one, Prefect
@@ -66,7 +68,15 @@ def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {outcome.tracking_uri})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
-    print("  open the UI     python flows.py ui")
+    _print_ui(outcome.tracking_uri, outcome.experiment_id, outcome.run_id)
+
+
+def _print_ui(tracking_uri: str, experiment_id: str, run_id: str) -> None:
+    from pipeline import tracking
+
+    address = tracking.ui_url(experiment_id, run_id, tracking_uri=tracking_uri)
+    how = "" if tracking_uri.startswith(("http://", "https://")) else "python flows.py ui, then "
+    print(f"  open the UI     {how}{address}")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -170,7 +180,7 @@ def _sweep(args: argparse.Namespace) -> int:
     print(f"  best            trial {outcome.best_trial}, run {outcome.best_run_id}")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
-    print("  open the UI     python flows.py ui")
+    _print_ui(outcome.tracking_uri, outcome.experiment_id, outcome.run_id)
     return 0
 
 
@@ -218,6 +228,45 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _leaderboard(args: argparse.Namespace) -> int:
+    from pipeline import registry, tracking
+
+    tracking.ensure_store()
+    try:
+        board = registry.leaderboard(args.name)
+    except LookupError as error:
+        return _fail(error, 1)
+    if args.csv:
+        print(board.to_csv(index=False), end="")
+    elif args.json:
+        print(board.to_json(orient="records", date_format="iso"))
+    elif board.empty:
+        print(f"no registered versions in {tracking.default_tracking_uri()}")
+    else:
+        print(leaderboard_text(board))
+    return 0
+
+
+def leaderboard_text(board: pd.DataFrame) -> str:
+    """The leaderboard as a person reads it: one block per model, numbers rounded, empty cells blank."""
+    import pandas as pd
+
+    shown = board.assign(
+        registered=board["registered"].dt.strftime("%Y-%m-%d %H:%M"),
+        run_id=board["run_id"].str[:12],
+    ).rename(columns={
+        "test_nll_nats": "NLL (nats)", "test_elbo_nats": "ELBO (nats)", "test_bits_per_dim": "bits/dim",
+        "test_fid": "FID", "train_minutes": "minutes", "registered": "registered (UTC)", "run_id": "run",
+    })
+    formats = {"NLL (nats)": "{:.2f}", "ELBO (nats)": "{:.2f}", "bits/dim": "{:.4f}", "FID": "{:.2f}", "epochs": "{:.0f}", "minutes": "{:.1f}"}
+    for column, pattern in formats.items():
+        shown[column] = shown[column].map(lambda value, pattern=pattern: "" if pd.isna(value) else pattern.format(value))
+    blocks = []
+    for model, rows in shown.groupby("model", sort=False):
+        blocks.append(f"{model}\n{rows.drop(columns='model').to_string(index=False)}")
+    return "\n\n".join(blocks)
+
+
 def _promote(args: argparse.Namespace) -> int:
     from pipeline import registry, tracking
 
@@ -238,7 +287,10 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {uri}")
         return 0
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    address = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {address} over {uri} (Ctrl-C stops it); the runs of each experiment:", flush=True)
+    for name, experiment_id in tracking.experiments().items():
+        print(f"  {name:<20} {tracking.ui_url(experiment_id, tracking_uri=uri, ui=address)}", flush=True)
     os.execv(command[0], command)
 
 
@@ -305,6 +357,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default: %(default)s)")
     generate.add_argument("-o", "--output", type=Path, default=Path("samples.png"), help="the PNG to write (default: %(default)s)")
     generate.set_defaults(handler=_generate)
+
+    board = commands.add_parser(
+        "leaderboard", help="the registered versions of a model (or of all), best first: read it before promote",
+        description="The registered versions of a model, or of every VAE family, best first by test NLL (then test "
+        "ELBO): version, aliases, preset, NLL, ELBO, bits/dim, FID, epochs, training minutes, when, run id.",
+    )
+    board.add_argument("name", nargs="?", help="a registered model, e.g. vae-mnist (default: every vae-* model)")
+    formats = board.add_mutually_exclusive_group()
+    formats.add_argument("--csv", action="store_true", help="print CSV, for scripts")
+    formats.add_argument("--json", action="store_true", help="print a JSON list of rows, for scripts")
+    board.set_defaults(handler=_leaderboard)
 
     promote = commands.add_parser("promote", help="move the champion alias to a version by hand, recording why")
     promote.add_argument("name", help="the registered model, e.g. vae-mnist")

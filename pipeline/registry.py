@@ -8,8 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow import MlflowClient
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -250,6 +252,66 @@ def _decide(
         f"{margin:.2f} (difference {gain:.2f}, {'lower' if lower_is_better else 'higher'} is better)",
         best,
     )
+
+
+# The leaderboard's columns, in order; "model" only when it lists several registered models.
+LEADERBOARD_COLUMNS = [
+    "model", "version", "aliases", "preset", "test_nll_nats", "test_elbo_nats", "test_bits_per_dim", "test_fid",
+    "epochs", "train_minutes", "registered", "run_id",
+]
+VAE_MODEL_PREFIX = "vae-"  # the registered models the leaderboard lists when given no name (classifiers are not)
+
+
+def leaderboard(name: str | None = None, *, client: MlflowClient | None = None) -> pd.DataFrame:
+    """The registered versions of ``name`` (default: every VAE family, "vae-*"), one row each, best first within each
+    model: by test NLL (lower first) where measured, then by test ELBO (higher first), then newest first.
+
+    Columns: :data:`LEADERBOARD_COLUMNS` (metrics in nats as registered, FID where logged, else NaN); ``epochs`` and
+    ``train_minutes`` come from each version's run (NaN for runs that did not log them), ``registered`` is the
+    version's creation time (UTC). A :class:`RegistryError` when ``name`` is not a registered model.
+    """
+    client = client or MlflowClient()
+    if name is None:
+        models = client.search_registered_models(f"name LIKE '{VAE_MODEL_PREFIX}%'")
+    else:
+        models = client.search_registered_models(f"name = '{name}'")
+        if not models:
+            raise RegistryError(f"no registered model {name!r} in {mlflow.get_tracking_uri()}")
+    aliases = {model.name: model.aliases for model in models}
+    versions = [version for model in models for version in client.search_model_versions(f"name = '{model.name}'")]
+    runs = _runs_by_id(client, {version.run_id for version in versions if version.run_id})
+    board = pd.DataFrame(
+        [_leaderboard_row(version, aliases[version.name], runs.get(version.run_id)) for version in versions],
+        columns=LEADERBOARD_COLUMNS,
+    )
+    order = ["model", "test_nll_nats", "test_elbo_nats", "registered"]
+    board = board.sort_values(order, ascending=[True, True, False, False], na_position="last", kind="stable")
+    return board.reset_index(drop=True)
+
+
+def _leaderboard_row(version: ModelVersion, aliases: Mapping[str, str | int], run: Run | None) -> dict[str, object]:
+    metrics = run.data.metrics if run is not None else {}
+    return {
+        "model": version.name,
+        "version": int(version.version),
+        "aliases": ",".join(sorted(alias for alias, number in aliases.items() if str(number) == str(version.version))),
+        "preset": version.tags.get("preset", ""),
+        **{key: float(version.tags.get(key, "nan")) for key in ("test_nll_nats", "test_elbo_nats", "test_bits_per_dim", "test_fid")},
+        "epochs": metrics.get("epochs_trained", math.nan),
+        "train_minutes": metrics.get("train_minutes", math.nan),
+        "registered": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
+        "run_id": version.run_id,
+    }
+
+
+def _runs_by_id(client: MlflowClient, run_ids: set[str]) -> dict[str, Run]:
+    """The runs with these ids, fetched in one search per experiment rather than one request per run."""
+    if not run_ids:
+        return {}
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    quoted = ", ".join(f"'{run_id}'" for run_id in sorted(run_ids))
+    runs = client.search_runs(experiments, f"attributes.run_id IN ({quoted})", max_results=len(run_ids))
+    return {run.info.run_id: run for run in runs}
 
 
 def _comparable_on(version: ModelVersion) -> Mapping[str, object]:

@@ -105,6 +105,12 @@ def named_experiment(name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def experiments() -> dict[str, str]:
+    """Name -> id of the store's experiments of runs (the pipeline's "vae-*" ones first, then any other but Default)."""
+    found = {e.name: e.experiment_id for e in mlflow.MlflowClient().search_experiments() if e.name != "Default"}
+    return dict(sorted(found.items(), key=lambda item: (not item[0].startswith("vae-"), item[0])))
+
+
 def flat_params(config: RunConfig) -> dict[str, str]:
     """The whole resolved config as dotted params: {"train.learning_rate": "0.001", "model.hidden_dims": "[400]"}.
 
@@ -283,7 +289,7 @@ def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
 
 class MLflowCallback(Callback):
     """Logs each epoch's metrics, a grid of samples decoded from the same z and the checkpoint; at the end the grids'
-    GIF and the loss curves.
+    GIF, the loss curves, and the epochs trained and minutes spent training (``epochs_trained``, ``train_minutes``).
 
     Metrics go to the active run at step = epoch, the grids as the "samples" image series (one per step), the
     checkpoint (when the engine writes one, at ``checkpoint_path``) to ``checkpoint/checkpoint.pt``, replacing the
@@ -317,6 +323,8 @@ class MLflowCallback(Callback):
             _log_bytes(gif, "samples/samples.gif")
         if state.history:
             mlflow.log_image(pictures.loss_curves(state.history), artifact_file="loss_curves.png")
+        # What the leaderboard shows of training: epochs done and minutes spent in them, resumptions included.
+        mlflow.log_metrics({"epochs_trained": state.epoch, "train_minutes": sum(state.epoch_seconds) / 60})
 
 
 def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]]:
@@ -345,6 +353,24 @@ def log_evaluation(
     mlflow.log_image(pictures.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
     if model.latent_dim == 2:
         mlflow.log_image(pictures.latent_manifold(model), artifact_file="latent_manifold.png")
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `flows.py ui` serves a local store by default
+# MLflow 3's UI opens experiments in its GenAI view unless told otherwise; the query names the runs view, which the
+# browser then keeps for later visits.
+ML_VIEW = "workflowType=machine_learning"
+
+
+def ui_url(experiment_id: str, run_id: str | None = None, *, tracking_uri: str | None = None, ui: str | None = None) -> str:
+    """The address that opens an experiment's runs (or one run) in the MLflow UI, in the runs view.
+
+    The UI is the tracking server's own when ``tracking_uri`` (default: :func:`default_tracking_uri`) is one, else
+    ``ui`` (default: :data:`LOCAL_UI`, where `flows.py ui` serves a local store).
+    """
+    uri = tracking_uri or default_tracking_uri()
+    base = uri if uri.startswith(("http://", "https://")) else (ui or LOCAL_UI)
+    page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{base.rstrip('/')}/#/{page}?{ML_VIEW}"
 
 
 def ui_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:

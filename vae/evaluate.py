@@ -12,6 +12,7 @@ from vae.config import ObjectiveConfig
 from vae.data import ImageSet
 from vae.models import VAE, eval_mode
 from vae.objectives import elbo_terms, log_standard_normal, reconstruction_nll
+from vae.progress import progress as progress_of
 
 # The IWAE noise of a batch is drawn in blocks of this many samples, whatever the chunk size, so that the noise of
 # sample i of image j (and hence the bound, up to float rounding) does not depend on how the samples are chunked.
@@ -52,6 +53,7 @@ def iwae_bound(
     chunk_size: int = 32,
     batch_size: int = 100,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """The importance-weighted bound log p(x) >= E[log (1/k) sum_i w_i] of Burda et al. (2015), mean per image.
 
@@ -63,13 +65,15 @@ def iwae_bound(
     and folded into a running log-sum-exp, so memory is bounded by ``chunk_size * batch_size`` decoded images. The
     noise comes from one generator seeded with ``seed`` in a fixed order that does not depend on ``chunk_size``; with
     ``samples=1`` the draws are exactly those of :func:`evaluate_elbo` at the same ``batch_size`` and ``seed``.
+    ``progress`` as in :func:`vae.progress.progress` (by default a bar on a terminal, else a line now and then).
     """
     _check_positive(samples=samples, chunk_size=chunk_size, batch_size=batch_size)
     _check_inputs(model, data)
     generator = torch.Generator(device=data.device).manual_seed(seed)
     bound = _mean_metric(data.device)
     log_k = math.log(samples)
-    with eval_mode(model), torch.inference_mode():
+    report = progress_of(len(data), f"IWAE bound (k={samples})", "images", enabled=progress)
+    with eval_mode(model), torch.inference_mode(), report as done:
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             mu, logvar = model.encode(x)
@@ -80,6 +84,7 @@ def iwae_bound(
                 log_w = _log_weights(model, x, mu, logvar, eps, objective)
                 log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             bound.update(log_sum - log_k)
+            done.update(len(x))
         iwae_nats = bound.compute().item()
     nll_nats = -iwae_nats
     dims = math.prod(data.pixels.shape[1:])

@@ -300,10 +300,19 @@ def test_every_epoch_logs_its_metrics_at_step_epoch(finished_run):
         "train_loss", "train_elbo_nats", "train_reconstruction_nats", "train_kl_nats", "kl_weight",
         "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats", "epoch_seconds",
     }
-    assert set(run.data.metrics) == per_epoch | set(TEST_METRICS)
+    assert set(run.data.metrics) == per_epoch | set(TEST_METRICS) | {"epochs_trained", "train_minutes"}
     for name in per_epoch:
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
     assert [m.value for m in client.get_metric_history(run_id, "kl_weight")] == [1.0, 1.0]
+
+
+def test_the_end_of_training_logs_the_epochs_and_the_minutes_they_took(finished_run):
+    _, run_id = finished_run
+    client = MlflowClient()
+    seconds = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["epochs_trained"] == 2
+    assert metrics["train_minutes"] == pytest.approx(sum(seconds) / 60, rel=1e-12)
 
 
 def test_test_metrics_are_logged_as_given(finished_run):
@@ -339,3 +348,21 @@ def test_a_larger_latent_gets_no_manifold_and_leaves_the_working_directory_clean
     run_id = train_and_log(tiny_config(latent_dim=5))
     files = [path for path in artifact_paths(MlflowClient(), run_id) if not path.startswith("images/")]
     assert files == ["config.json", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif"]
+
+
+def test_ui_addresses_open_the_runs_view_of_an_experiment_or_a_run():
+    local = "sqlite:////tmp/mlruns/mlflow.db"
+    assert tracking.ui_url("3", tracking_uri=local) == "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning"
+    assert tracking.ui_url("3", "abc", tracking_uri=local, ui="http://127.0.0.1:5001") == (
+        "http://127.0.0.1:5001/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+    # A tracking server serves the UI itself, at its own address.
+    assert tracking.ui_url("3", "abc", tracking_uri="http://mlflow.internal:5000/") == (
+        "http://mlflow.internal:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+
+
+def test_the_experiments_of_runs_are_listed_the_pipelines_first(store):
+    client = MlflowClient()
+    ids = {name: client.create_experiment(name) for name in ("zebra", "vae-mnist", "vae-fashion-mnist")}
+    assert tracking.experiments() == {name: ids[name] for name in ("vae-fashion-mnist", "vae-mnist", "zebra")}

@@ -1,0 +1,104 @@
+"""Specification of the command line's own behaviour: what it imports before it answers, and the leaderboard."""
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline import cli
+from pipeline.config import load_config
+from pipeline.registry import LEADERBOARD_COLUMNS, assign_alias, leaderboard, log_model, register_version
+from tests.conftest import PROJECT_ROOT
+from vae.config import ModelConfig
+from vae.models import build_model
+
+HEAVY = ("torch", "mlflow", "prefect", "pandas", "matplotlib")
+
+
+def modules_imported_by(*arguments: str) -> tuple[int, set[str]]:
+    """The exit code of `python flows.py ARGUMENTS`, and which of the heavy libraries it imported before exiting."""
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['flows.py', *{list(arguments)!r}]\n"
+        "try:\n"
+        "    runpy.run_path('flows.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        f"    print(exit.code, sorted(name for name in {HEAVY!r} if name in sys.modules))\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    code, imported = finished.stdout.strip().splitlines()[-1].split(" ", 1)
+    return int(code), set(json.loads(imported.replace("'", '"')))
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [["--help"], ["train", "--help"], ["train", "--set", "model.latent_dim=0"], ["train", "--preset", "nope"], ["sweep"]],
+    ids=["help", "command-help", "bad-config", "unknown-preset", "missing-option"],
+)
+def test_help_and_bad_input_answer_without_importing_torch_mlflow_or_prefect(arguments):
+    code, imported = modules_imported_by(*arguments)
+    assert code in (0, 2)
+    assert imported == set()
+
+
+@pytest.fixture
+def registered(mlflow_store):
+    """A store with one logged tiny model registered as three versions of vae-mnist, with test NLLs 90, 88 and 89.5."""
+    model = build_model(ModelConfig(hidden_dims=(16,), latent_dim=2), seed=0)
+    config = load_config("default")
+    with mlflow.start_run(experiment_id=MlflowClient().create_experiment("runs")) as run:
+        uri = log_model(model, torch.rand(2, 1, 28, 28))
+        mlflow.log_metrics({"epochs_trained": 4, "train_minutes": 1.5})
+    for nll in (90.0, 88.0, 89.5):
+        metrics = {"test_nll_nats": nll, "test_elbo_nats": -nll - 5, "test_bits_per_dim": nll / 543.43}
+        assign_alias(config, metrics, register_version(uri, config, metrics, run.info.run_id))
+    return run.info.run_id
+
+
+def test_the_leaderboard_lists_versions_best_first_with_their_aliases_and_training(registered):
+    board = leaderboard("vae-mnist")
+
+    assert list(board.columns) == LEADERBOARD_COLUMNS
+    assert board["version"].tolist() == [2, 3, 1]
+    assert board["test_nll_nats"].tolist() == [88.0, 89.5, 90.0]
+    assert board["aliases"].tolist() == ["champion", "challenger", ""]
+    assert board["test_fid"].isna().all()
+    assert board[["epochs", "train_minutes"]].values.tolist() == [[4, 1.5]] * 3
+    assert (board["run_id"] == registered).all() and (board["preset"] == "default").all()
+
+
+def test_the_leaderboard_command_prints_a_table_csv_or_json(registered, capsys):
+    when = {
+        int(version.version): pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC").strftime("%Y-%m-%d %H:%M").split()
+        for version in MlflowClient().search_model_versions("name = 'vae-mnist'")
+    }
+    assert cli.main(["leaderboard"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "vae-mnist"
+    assert lines[1].split() == ["version", "aliases", "preset", "NLL", "(nats)", "ELBO", "(nats)", "bits/dim", "FID", "epochs", "minutes", "registered", "(UTC)", "run"]
+    assert [line.split() for line in lines[2:]] == [
+        ["2", "champion", "default", "88.00", "-93.00", "0.1619", "4", "1.5", *when[2], registered[:12]],
+        ["3", "challenger", "default", "89.50", "-94.50", "0.1647", "4", "1.5", *when[3], registered[:12]],
+        ["1", "default", "90.00", "-95.00", "0.1656", "4", "1.5", *when[1], registered[:12]],
+    ]
+
+    assert cli.main(["leaderboard", "vae-mnist", "--csv"]) == 0
+    csv = capsys.readouterr().out
+    assert csv.splitlines()[0] == ",".join(LEADERBOARD_COLUMNS)
+    assert [row.split(",")[1] for row in csv.splitlines()[1:]] == ["2", "3", "1"]
+
+    assert cli.main(["leaderboard", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["version"], row["aliases"], row["test_nll_nats"]) for row in rows] == [(2, "champion", 88.0), (3, "challenger", 89.5), (1, "", 90.0)]
+
+
+def test_the_leaderboard_of_an_unknown_model_fails_naming_it(mlflow_store, capsys):
+    assert cli.main(["leaderboard", "vae-cifar"]) == 1
+    assert capsys.readouterr().err.startswith("error: no registered model 'vae-cifar' in sqlite:///")
+    assert cli.main(["leaderboard"]) == 0
+    assert capsys.readouterr().out.startswith("no registered versions in sqlite:///")
