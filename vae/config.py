@@ -93,7 +93,8 @@ class EvalConfig(_Settings):
 class ClassifierConfig(_Settings):
     """The recipe of the data set's classifier, whose penultimate features the FID compares: network and training.
 
-    The default recipe reaches 99.0% test accuracy on MNIST and 90% on Fashion-MNIST (see BENCHMARKS.md).
+    The default recipe is meant to reach 99.0% test accuracy on MNIST and 90% on Fashion-MNIST (BENCHMARKS.md has
+    what was measured).
     """
 
     conv_channels: tuple[PositiveInt, PositiveInt] = (32, 64)
