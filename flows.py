@@ -37,7 +37,7 @@ from prefect.futures import PrefectFuture
 from prefect.schedules import Cron, Schedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline import data, registry, sweep, tracking, training
+from pipeline import data, registry, sample_quality, sweep, tracking, training
 from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ fetch_data = task(data.fetch, name="fetch and verify data", cache_policy=NO_CACH
 prepare_data = task(data.prepare_configured, name="prepare data", cache_policy=NO_CACHE)
 train_model = task(training.train, name="train", cache_policy=NO_CACHE)
 evaluate_model = task(training.evaluate, name="evaluate on the test set", cache_policy=NO_CACHE)
+get_classifier = task(sample_quality.ensure_classifier, name="find or train the data set's classifier", cache_policy=NO_CACHE)
+score_samples = task(sample_quality.score, name="sample quality (FID)", cache_policy=NO_CACHE)
 log_evaluation = task(tracking.log_evaluation, name="log test metrics and pictures", cache_policy=NO_CACHE)
 log_model = task(registry.log_model, name="log model", cache_policy=NO_CACHE)
 register_model = task(registry.register_version, name="register", cache_policy=NO_CACHE)
@@ -108,7 +110,8 @@ def tracked_training(
     tracking_uri: str | None = None,
 ) -> TrainingOutcome:
     """One whole training run in one MLflow run, its stages as Prefect tasks: fetch and prepare the data, train,
-    evaluate on the test set, log the pictures, then log the model ("log"), or log, register and promote it
+    evaluate on the test set (and, with ``eval.fid``, score sample quality on the data set's registered classifier,
+    trained first if there is none), log the pictures, then log the model ("log"), or log, register and promote it
     ("register"), or neither ("skip").
 
     The MLflow run (see :func:`pipeline.tracking.start_run` for ``resume_run_id``, ``parent_run_id``, ``tags`` and
@@ -131,6 +134,10 @@ def tracked_training(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
             )
         metrics = evaluate_model(model, prepared.test, config)
+        if config.eval.fid:
+            classifier = get_classifier(config.data.dataset, files, config.classifier, device=config.train.device, lock_dir=config.data.cache_dir)
+            mlflow.set_tag(sample_quality.CLASSIFIER_TAG, classifier.uri)
+            metrics |= score_samples(model, classifier.classifier, files, prepared.test, config)
         log_evaluation(model, prepared.test, prepared.class_names, metrics)
         model_uri = version = decision = None
         if model_step in ("log", "register"):
@@ -252,7 +259,9 @@ def run_sweep(base: RunConfig, grid: dict[str, list[Any]], samples: int | None =
     with tracking.start_run(base, run_name=run_name, tags={"sweep": "parent"}, tracking_uri=tracking_uri) as parent:
         swept = {f"sweep.{name}": json.dumps(values) for name, values in grid.items()}
         mlflow.log_params({**swept, "sweep.samples": "all" if samples is None else samples, "sweep.seed": seed})
-        fetch_data(base.data.dataset, base.data.cache_dir)  # once, so that the trials read the cache, not all download
+        files = fetch_data(base.data.dataset, base.data.cache_dir)  # once, so that the trials read the cache, not all download
+        if base.eval.fid:  # likewise the classifier: trained here if need be, found by every trial
+            get_classifier(base.data.dataset, files, base.classifier, device=base.train.device, lock_dir=base.data.cache_dir)
         with _prefect_api_for_workers():
             futures = [sweep_trial.submit(trial, parent.info.run_id, tracking_uri) for trial in trials]
         results = _trial_results(trials, futures, parent.info)

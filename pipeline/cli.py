@@ -60,6 +60,9 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
     print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
     if "test_nll_nats" in metrics:
         print(f"  test NLL (IWAE) {metrics['test_nll_nats']:9.2f} nats  ({metrics['test_bits_per_dim']:.4f} bits/dim, k={config.eval.iwae_samples})")
+    if "test_fid" in metrics:
+        print(f"  FID (samples)   {metrics['test_fid']:9.2f}       (reconstructions {metrics['test_reconstruction_fid']:.2f}, "
+              f"{metrics['test_reconstruction_accuracy']:.2%} of them classified as their image)")
     if note := likelihood_note(config):
         print(f"  note            {note}")
 
@@ -207,10 +210,16 @@ def _evaluate(args: argparse.Namespace) -> int:
         loaded = registry.load(args.model, device=device)
         overrides = {"eval.iwae_samples": args.iwae_samples} if args.iwae_samples is not None else {}
         config = with_overrides(loaded.config, overrides)
-        prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
+        files = data.fetch(config.data.dataset, config.data.cache_dir)
+        prepared = data.prepare_configured(config.data, files)
     except (ConfigError, RuntimeError, LookupError, data.DataError) as error:
         return _fail(error, 1)
     metrics = training.evaluate(loaded.model, prepared.test, config)
+    if config.eval.fid:  # the registered classifier of the run's data set and recipe (trained first if there is none)
+        from pipeline import sample_quality
+
+        classifier = sample_quality.ensure_classifier(config.data.dataset, files, config.classifier, device=args.device, lock_dir=config.data.cache_dir)
+        metrics |= sample_quality.score(loaded.model, classifier.classifier, files, prepared.test, config)
     if args.json:
         print(json.dumps({"model": loaded.uri, "run_id": loaded.run_id, "iwae_samples": config.eval.iwae_samples, **metrics}))
     else:

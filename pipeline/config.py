@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from vae.config import ClassifierConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
 
 TRAIN_IMAGES = 60_000  # both data sets
 LOCAL_WORKERS = 2  # `flows.py sweep`: processes of the local Dask cluster, one trial at a time each
@@ -55,6 +55,7 @@ class RunConfig(BaseModel):
     objective: ObjectiveConfig = ObjectiveConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    classifier: ClassifierConfig = ClassifierConfig()  # the recipe of the data set's classifier, which FID uses
     registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
@@ -140,6 +141,12 @@ SCORE_FIELDS = (*TEST_IMAGE_FIELDS, "objective.likelihood", "objective.gaussian_
 def experiment_name(dataset: str) -> str:
     """The MLflow experiment that holds every run on ``dataset``: "vae-mnist"."""
     return f"vae-{dataset}"
+
+
+def classifier_name(dataset: str) -> str:
+    """The registered model, and the MLflow experiment of its training runs, of the data set's classifier, whose
+    features FID uses: "classifier-mnist" (one registered version per verified data set and recipe)."""
+    return f"classifier-{dataset}"
 
 
 def model_name(config: RunConfig) -> str:

@@ -90,12 +90,16 @@ def ensure_store(tracking_uri: str | None = None) -> str:
 
 
 def experiment(dataset: str) -> str:
-    """The id of the data set's experiment ("vae-mnist"), created on first use.
+    """The id of the data set's experiment ("vae-mnist"), created on first use (see :func:`named_experiment`)."""
+    return named_experiment(experiment_name(dataset))
+
+
+def named_experiment(name: str) -> str:
+    """The id of the experiment ``name``, created on first use.
 
     In a SQLite store its artifacts go to ``artifacts/<experiment name>/`` beside the database; a tracking server
     chooses the artifact location itself.
     """
-    name = experiment_name(dataset)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -210,10 +214,10 @@ def start_run(
         mlflow.log_dict(config.model_dump(mode="json"), CONFIG_ARTIFACT)
         yield run
     except BaseException as error:
-        status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
+        status = RunStatus.to_string(failed_status(error))
         # When the store is what failed, the client has just spent all its retries on it: ask once more, not for minutes.
         with _http_retries(1 if store_unreachable(error) else None):
-            _record_error(error)
+            record_error(run.info.run_id, error)
             try:
                 mlflow.end_run(status)
             except Exception as failure:
@@ -274,12 +278,20 @@ def download_checkpoint(run_id: str, directory: Path) -> Path:
     return Path(local)
 
 
-def _record_error(error: BaseException) -> None:
+def record_error(run_id: str, error: BaseException) -> None:
+    """The error in the run's "error" tag (its class and the start of its message) and its traceback in ``error.txt``;
+    if the store cannot take them, a note on the error says so (the error is what matters)."""
     try:
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS])
-        mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
+        client = mlflow.MlflowClient()
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS])
+        client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
     except Exception as failure:  # the store may be what failed; the run still has to end and the error to propagate
         error.add_note(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})")
+
+
+def failed_status(error: BaseException) -> RunStatus:
+    """How a run that ``error`` stopped ends: KILLED on Ctrl-C, else FAILED."""
+    return RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
 
 
 class ImageSplit(MetaDataset):

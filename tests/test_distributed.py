@@ -21,7 +21,7 @@ pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
 # Monte Carlo KL). 512 images in batches of 128: 4 steps, each split into two shards of 64.
 TINY = {
     "data.train_subset": 512, "data.validation_size": 256, "data.binarization": "threshold",
-    "train.epochs": 1, "train.device": "cpu", "eval.iwae_samples": 2,
+    "train.epochs": 1, "train.device": "cpu", "eval.iwae_samples": 2, "eval.fid": False,
 }
 
 

@@ -14,14 +14,15 @@ from PIL import Image
 import flows
 from pipeline import cli, data, tracking
 from pipeline.config import PRESETS, load_config
-from tests.conftest import LONG_TEST_SECONDS, needs_data
+from tests.conftest import LONG_TEST_SECONDS, TINY_CLASSIFIER, needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
 SMALL = {
     "data.train_subset": 600, "data.validation_size": 300, "model.hidden_dims": [64], "model.latent_dim": 2,
-    "train.batch_size": 100, "train.device": "cpu", "train.epochs": 2, "eval.iwae_samples": 4,
+    "train.batch_size": 100, "train.device": "cpu", "train.epochs": 2, "eval.iwae_samples": 4, **TINY_CLASSIFIER,
 }
+FID_METRICS = {"test_fid", "test_reconstruction_fid", "test_reconstruction_accuracy"}
 
 
 def small(**changes):
@@ -57,7 +58,7 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
     assert run.data.params == tracking.flat_params(config)
     for metric in ("train_loss", "train_elbo_nats", "train_reconstruction_nats", "train_kl_nats", "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats"):
         assert [m.step for m in client.get_metric_history(outcome.run_id, metric)] == [1, 2], metric
-    assert set(outcome.metrics) == {"test_elbo_nats", "test_reconstruction_nats", "test_kl_nats", "test_nll_nats", "test_bits_per_dim"}
+    assert set(outcome.metrics) == {"test_elbo_nats", "test_reconstruction_nats", "test_kl_nats", "test_nll_nats", "test_bits_per_dim", *FID_METRICS}
     assert {name: run.data.metrics[name] for name in outcome.metrics} == pytest.approx(outcome.metrics)
     assert run.data.tags["dataset_digest"] == data.DATASETS["mnist"].digest
     contexts = {tag.value: json.loads(item.dataset.profile)["num_rows"] for item in run.inputs.dataset_inputs for tag in item.tags}
@@ -81,6 +82,27 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
 
     summary = asyncio.run(read_markdown_artifact(flows.SUMMARY_ARTIFACT_KEY))
     assert outcome.run_id in summary and "alias **champion**" in summary and "test_nll_nats" in summary
+    assert "| test_fid |" in summary
+
+
+@needs_data
+def test_the_first_run_trains_and_registers_the_classifier_and_later_runs_reuse_it_for_their_fid():
+    first = flows.train_flow(small())
+    second = flows.train_flow(small(**{"train.seed": 1}))
+    client = MlflowClient()
+    (classifier_run,) = client.search_runs([tracking.named_experiment("classifier-mnist")])
+    assert classifier_run.info.status == "FINISHED"
+    assert [str(v.version) for v in client.search_model_versions("name = 'classifier-mnist'")] == ["1"]
+    for outcome in (first, second):
+        run = client.get_run(outcome.run_id)
+        assert run.data.tags["fid.classifier"] == "models:/classifier-mnist/1"
+        assert {name: run.data.metrics[name] for name in FID_METRICS} == {name: outcome.metrics[name] for name in FID_METRICS}
+        assert outcome.metrics["test_fid"] > 0 and 0 <= outcome.metrics["test_reconstruction_accuracy"] <= 1
+    assert first.metrics["test_fid"] != second.metrics["test_fid"]  # another model, the same yardstick
+    # A run with FID switched off neither trains nor uses a classifier.
+    off = flows.train_flow(small(**{"eval.fid": False, "classifier.seed": 5}))
+    assert not FID_METRICS & set(off.metrics) and "fid.classifier" not in client.get_run(off.run_id).data.tags
+    assert len(client.search_runs([tracking.named_experiment("classifier-mnist")])) == 1
 
 
 @needs_data
@@ -161,11 +183,13 @@ def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
+    quick += [arg for name, value in TINY_CLASSIFIER.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
     if PRESETS[preset]["data"].get("validation_size", 10_000):
         quick += ["--set", "data.validation_size=500"]
     assert cli.main(["train", "--preset", preset, *quick]) == 0
     printed = capsys.readouterr().out
     assert f"{preset} on {PRESETS[preset]['data']['dataset']}: 1 epochs" in printed
+    assert "  FID (samples)   " in printed
     assert "registered      models:/vae-" in printed
     (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
     assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(load_config(preset).model.hidden_dims)

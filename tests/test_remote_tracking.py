@@ -16,13 +16,14 @@ from PIL import Image
 import flows
 from pipeline import cli, data, tracking
 from pipeline.config import load_config
-from tests.conftest import needs_data, serving
+from tests.conftest import TINY_CLASSIFIER, needs_data, serving
 
 pytestmark = [needs_data, pytest.mark.usefixtures("prefect_server")]
 
 SMALL = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "model.latent_dim": 2,
     "train.batch_size": 100, "train.device": "cpu", "train.epochs": 2, "eval.iwae_samples": 2,
+    **TINY_CLASSIFIER,
 }
 
 
@@ -63,6 +64,9 @@ def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_
     assert run.info.status == "FINISHED"
     assert run.info.artifact_uri == f"mlflow-artifacts:/{outcome.experiment_id}/{outcome.run_id}/artifacts"
     assert client.get_experiment(outcome.experiment_id).name == "vae-mnist"
+    assert run.data.tags["fid.classifier"] == "models:/classifier-mnist/1" and "test_fid" in run.data.metrics
+    (classifier,) = client.search_model_versions("name = 'classifier-mnist'")
+    assert classifier.source == f"runs:/{classifier.run_id}/classifier"  # accepted by the server's source check
     assert run.data.params == tracking.flat_params(config)
     for metric in ("train_elbo_nats", "val_elbo_nats", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(outcome.run_id, metric)] == [1, 2], metric

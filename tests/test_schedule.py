@@ -21,11 +21,11 @@ from tests.conftest import LONG_TEST_SECONDS, needs_data, refused_port, running,
 
 TINY = [
     "--set", "data.train_subset=300", "--set", "data.validation_size=200", "--set", "model.hidden_dims=[32]",
-    "--set", "eval.iwae_samples=2", "--epochs", "1", "--device", "cpu",
+    "--set", "eval.iwae_samples=2", "--set", "eval.fid=false", "--epochs", "1", "--device", "cpu",
 ]
 TINY_CONFIG = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "eval.iwae_samples": 2,
-    "train.epochs": 1, "train.device": "cpu",
+    "eval.fid": False, "train.epochs": 1, "train.device": "cpu",
 }
 CRON, TIMEZONE, NAME = "15 4 * * 2", "Europe/Paris", "nightly-test"
 RUN_TIMEOUT_SECONDS = 900  # a flow run of the tiny config takes about 45 s on two busy cores, minutes on loaded ones

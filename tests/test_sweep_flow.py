@@ -10,13 +10,14 @@ from mlflow import MlflowClient
 import flows
 from pipeline import cli, tracking
 from pipeline.config import load_config
-from tests.conftest import needs_data
+from tests.conftest import TINY_CLASSIFIER, needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
 TINY = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "model.latent_dim": 2,
     "train.optimizer": "rmsprop", "train.batch_size": 100, "train.epochs": 1, "train.device": "cpu", "eval.iwae_samples": 2,
+    **TINY_CLASSIFIER,
 }
 TINY_ARGS = [arg for name, value in TINY.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
 DIVERGES = 1e12  # a learning rate whose loss is NaN at the second step
@@ -77,7 +78,10 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
     for run in nested[:2]:
         files = {info.path for info in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png"} <= files
-        assert {"test_elbo_nats", "test_nll_nats", "train_loss", "val_elbo_nats"} <= set(run.data.metrics)
+        assert {"test_elbo_nats", "test_nll_nats", "test_fid", "train_loss", "val_elbo_nats"} <= set(run.data.metrics)
+        assert run.data.tags["fid.classifier"] == "models:/classifier-mnist/1"
+    # The sweep trained the classifier once, before its trials, which all found it.
+    assert len(client.search_runs([tracking.named_experiment("classifier-mnist")])) == 1
 
     ranked = sorted(nested[:2], key=lambda run: run.data.metrics["test_nll_nats"])
     board = read_leaderboard(client, parent.info.run_id, tmp_path)
@@ -116,7 +120,8 @@ def test_when_every_trial_fails_the_sweep_fails_saying_so_and_registers_nothing(
     assert [run.info.status for run in nested] == ["FAILED", "FAILED"]
     board = read_leaderboard(client, parent.info.run_id, tmp_path)
     assert board["trial"].tolist() == [1, 2] and board["status"].tolist() == ["failed", "failed"]
-    assert client.search_registered_models() == []
+    # No model; only the data set's classifier, trained before the trials, which later runs will reuse.
+    assert [model.name for model in client.search_registered_models()] == ["classifier-mnist"]
 
 
 def test_a_bad_grid_value_on_the_command_line_fails_naming_the_field_before_any_run(capsys):

@@ -43,7 +43,7 @@ SCREENSHOTS_DIR = PROJECT_ROOT / "outputs" / "screenshots"  # where people look 
 
 TINY = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "model.latent_dim": 2,
-    "eval.iwae_samples": 2, "train.epochs": 2, "train.device": "cpu",
+    "eval.iwae_samples": 2, "eval.fid": False, "train.epochs": 2, "train.device": "cpu",
 }
 PICTURES = ["latent_manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples"]
 PREVIEWED_PICTURE = "reconstructions.png"

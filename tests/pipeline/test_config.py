@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from pipeline.config import PRESETS, ConfigError, RunConfig, comparability_changes, comparable_on, load_config, parse_override
+from pipeline.config import (
+    PRESETS, ConfigError, RunConfig, classifier_name, comparability_changes, comparable_on, load_config, parse_override,
+)
 
 
 def test_default_config_is_the_pytorch_examples_mlp_on_dynamically_binarized_mnist():
@@ -130,3 +132,17 @@ def test_what_makes_two_runs_incomparable_is_named_field_by_field():
         "data.binarization_seed: 0 -> 1", "eval.iwae_samples: 1000 -> 5000",
     ]
     assert comparability_changes(ours, ours) == []
+
+
+def test_the_classifier_of_a_data_set_has_one_name_for_its_registered_model_and_its_runs():
+    assert classifier_name("mnist") == "classifier-mnist"
+    assert classifier_name("fashion-mnist") == "classifier-fashion-mnist"
+
+
+def test_fid_is_on_by_default_with_ten_thousand_samples_and_a_bad_classifier_recipe_is_named():
+    config = load_config("default")
+    assert (config.eval.fid, config.eval.fid_samples) == (True, 10_000)
+    with pytest.raises(ConfigError, match=r"classifier.conv_channels.0: Input should be greater than 0 \(got 0\)"):
+        load_config("default", {"classifier.conv_channels": [0, 8]})
+    with pytest.raises(ConfigError, match=r"eval.fid_samples: Input should be greater than or equal to 2 \(got 1\)"):
+        load_config("default", {"eval.fid_samples": 1})
