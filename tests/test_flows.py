@@ -121,7 +121,7 @@ def test_a_corrupt_data_file_leaves_a_failed_run_with_the_error_and_no_registere
     for name in data.FILE_NAMES:
         (mirror / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(4)))
     spec = data.DATASETS["mnist"]
-    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec(spec.name, ("http://127.0.0.1:9/",), spec.sha256, spec.class_names))
+    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec(spec.name, ("http://127.0.0.1:9/",), spec.sha256, spec.class_names, spec.sizes))
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "mirror"))
     monkeypatch.setattr(flows, "fetch_data", flows.fetch_data.with_options(retries=0))
     config = small(**{"data.cache_dir": str(tmp_path / "cache")})
