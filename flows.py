@@ -32,6 +32,7 @@ from prefect_dask import DaskTaskRunner
 
 from pipeline import artifacts, data, registry, sweep, tracking, training
 from pipeline.config import PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides
+from pipeline.redaction import redact
 from vae.engine import NonFiniteLossError, process_group, resolve_device
 
 PROJECT_ROOT = Path(__file__).resolve().parent
@@ -171,7 +172,7 @@ def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
 {f"{chr(10)}Note: {note}.{chr(10)}" if note else ""}
 ## MLflow
 
-Run `{outcome.run_id}` in experiment `{outcome.experiment_id}` of `{outcome.tracking_uri}`.
+Run `{outcome.run_id}` in experiment `{outcome.experiment_id}` of `{redact(outcome.tracking_uri)}`.
 Open it with `python flows.py ui` and follow the experiment `vae-{config.data.dataset}`.
 
 ## Registry
@@ -343,7 +344,7 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
     _print_metrics(config, outcome.metrics)
-    print(f"  MLflow run      {outcome.run_id} (experiment vae-{config.data.dataset}, store {outcome.tracking_uri})")
+    print(f"  MLflow run      {outcome.run_id} (experiment vae-{config.data.dataset}, store {redact(outcome.tracking_uri)})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
     print("  open the UI     python flows.py ui")
@@ -362,7 +363,7 @@ def _train(args: argparse.Namespace) -> int:
             return _train_shard(config)
         outcome = train_flow(config, resume_run_id=args.resume, return_state=True)
         if outcome.is_failed():
-            print(f"error: the training flow failed: {outcome.message}", file=sys.stderr)
+            print(redact(f"error: the training flow failed: {outcome.message}"), file=sys.stderr)
             return 1
         _print_outcome(config, outcome.result())
         return 0
@@ -424,17 +425,17 @@ def _serve(args: argparse.Namespace) -> int:
     with get_client(sync_client=True) as client:
         unreachable = client.api_healthcheck()
     if unreachable is not None:
-        print(f"error: no Prefect server answers at PREFECT_API_URL={api_url} ({unreachable}); start it with "
-              "`prefect server start`, or point PREFECT_API_URL at a running one", file=sys.stderr)
+        print(redact(f"error: no Prefect server answers at PREFECT_API_URL={api_url} ({unreachable}); start it with "
+                     "`prefect server start`, or point PREFECT_API_URL at a running one"), file=sys.stderr)
         return 2
     tracking_uri = tracking.ensure_store()
     name = args.name or f"scheduled-retraining-{config.preset}"
     deployment = f"{train_flow.name}/{name}"
     model = registry.registered_model_name(config.data.dataset)
-    print(f"deployment      {deployment} on the Prefect server at {api_url}")
+    print(f"deployment      {deployment} on the Prefect server at {redact(api_url)}")
     print(f"  schedule      {schedule.cron} ({schedule.timezone}), next run {next_run_time(schedule):%Y-%m-%d %H:%M %Z}")
     print(f"  each run      {config.preset} on {config.data.dataset}, {config.train.epochs} epochs: a new MLflow run in "
-          f"experiment vae-{config.data.dataset} of {tracking_uri}, registered as a new version of {model} that "
+          f"experiment vae-{config.data.dataset} of {redact(tracking_uri)}, registered as a new version of {model} that "
           "competes for champion")
     print(f"  run it now    prefect deployment run '{deployment}'")
     print("This process runs the deployment's flow runs: keep it running (Ctrl-C stops it and pauses the schedule).", flush=True)
@@ -464,12 +465,12 @@ def _sweep(args: argparse.Namespace) -> int:
     runner = dask_task_runner(args.dask_address, args.workers or LOCAL_WORKERS)
     state = sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
     if state.is_failed():
-        print(f"error: the sweep failed: {state.message}", file=sys.stderr)
+        print(redact(f"error: the sweep failed: {state.message}"), file=sys.stderr)
         return 1
     outcome: SweepOutcome = state.result()
     print(f"\n{len(outcome.leaderboard)} trials of {base.preset} on {base.data.dataset}, best first:")
     print(outcome.leaderboard.fillna({"error": ""}).to_string(index=False, max_colwidth=80))
-    print(f"  MLflow run      {outcome.run_id} with the trials nested (experiment vae-{base.data.dataset}, store {outcome.tracking_uri})")
+    print(f"  MLflow run      {outcome.run_id} with the trials nested (experiment vae-{base.data.dataset}, store {redact(outcome.tracking_uri)})")
     print(f"  best            trial {outcome.best_trial}, run {outcome.best_run_id}")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
@@ -521,15 +522,15 @@ def _promote(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     uri = tracking.default_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {uri}")
+        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {redact(uri)}")
         return 0
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} over {redact(uri)} (Ctrl-C stops it)", flush=True)
     os.execv(command[0], command)
 
 
 def _fail(error: BaseException, code: int) -> int:
-    print(f"error: {error}", file=sys.stderr)
+    print(redact(f"error: {error}"), file=sys.stderr)
     return code
 
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from pipeline import tracking
 from pipeline.config import RunConfig
+from pipeline.redaction import redact
 from vae.models import VAE, ServingVAE
 
 CHAMPION = "champion"
@@ -116,7 +117,7 @@ def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str,
         client.get_run(reference)
         return f"runs:/{reference}/{MODEL_NAME}", reference
     except MlflowException as error:
-        raise RegistryError(f"no model {reference!r} in {mlflow.get_tracking_uri()}: {error.message}") from None
+        raise RegistryError(redact(f"no model {reference!r} in {mlflow.get_tracking_uri()}: {error.message}")) from None
 
 
 def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:

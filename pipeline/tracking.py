@@ -31,6 +31,7 @@ from torch import nn
 from pipeline import artifacts
 from pipeline.config import ConfigError, RunConfig, validate
 from pipeline.data import DATASETS, PreparedData
+from pipeline.redaction import redact
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
 
@@ -62,9 +63,12 @@ def ensure_store(tracking_uri: str | None = None) -> str:
 
     A SQLite store is created on first use, with its artifacts in ``artifacts/`` beside the database, under a file lock
     (``<db>.lock``): MLflow's first-time migrations corrupt a database that two processes create at once. Call it once
-    before any parallel work; calling it again is cheap.
+    before any parallel work; calling it again is cheap. When the URI holds credentials, MLflow's own "View run at
+    <tracking URI>/..." line, which would print them, is switched off (this process and those it starts).
     """
     uri = tracking_uri or default_tracking_uri()
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     database = _sqlite_path(uri)
     if database is not None and uri not in _ready:
         database.parent.mkdir(parents=True, exist_ok=True)
@@ -221,11 +225,13 @@ def download_checkpoint(run_id: str, directory: Path) -> Path:
 
 
 def _record_error(error: BaseException) -> None:
+    """The error's class and message as the "error" tag, its traceback as ``error.txt``, both :func:`redact`-ed (a
+    source URL or the tracking URI in a message may hold a password)."""
     try:
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS])
-        mlflow.log_text("".join(traceback.format_exception(error)), "error.txt")
+        mlflow.set_tag("error", redact(f"{type(error).__name__}: {error}")[:ERROR_TAG_CHARS])
+        mlflow.log_text(redact("".join(traceback.format_exception(error))), "error.txt")
     except Exception as failure:  # the store may be what failed; the run still has to end and the error to propagate
-        error.add_note(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})")
+        error.add_note(redact(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})"))
 
 
 class ImageSplit(MetaDataset):

@@ -5,6 +5,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -142,3 +143,24 @@ def _stop_group(process: subprocess.Popen) -> None:
             except subprocess.TimeoutExpired:
                 pass
     process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` on a free loopback port, its backend and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
+
+    Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
+    that nothing goes to it.
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    (tmp_path / "server").mkdir()
+    with running(command, ready_url=f"{url}/health", log=tmp_path / "mlflow-server.log"):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+        yield url, tmp_path / "server" / "artifacts"

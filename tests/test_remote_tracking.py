@@ -3,8 +3,6 @@
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -16,7 +14,7 @@ from PIL import Image
 import flows
 from pipeline import data, tracking
 from pipeline.config import load_config
-from tests.conftest import free_port, needs_mirror, running
+from tests.conftest import needs_mirror
 
 pytestmark = [needs_mirror, pytest.mark.usefixtures("prefect_server")]
 
@@ -28,27 +26,6 @@ SMALL = {
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on a free loopback port, its backend and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
-
-    Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
-    that nothing goes to it.
-    """
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    command = [
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    (tmp_path / "server").mkdir()
-    with running(command, ready_url=f"{url}/health", log=tmp_path / "mlflow-server.log"):
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url, tmp_path / "server" / "artifacts"
 
 
 def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_through_it(mlflow_server, tmp_path):
