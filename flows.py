@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import sys
 import tempfile
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from pipeline import artifacts, data, registry, sweep, tracking, training
 from pipeline.config import PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides
 from pipeline.redaction import redact
 from vae.engine import NonFiniteLossError, process_group, resolve_device
+from vae.export import ModelFileError
+from vae.launch import launch
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 SUMMARY_ARTIFACT_KEY = "vae-training-summary"
@@ -133,7 +137,7 @@ def tracked_training(
         make_artifacts(model, prepared.test, prepared.class_names, metrics)
         model_uri = version = decision = None
         if model_step in ("log", "register"):
-            model_uri = log_model(model, prepared.test.pixels[:4])
+            model_uri = log_model(model, config.model, prepared.test.pixels[:4])
         if model_step == "register":
             version = register_model(model_uri, config, metrics, run.info.run_id)
             decision = promote_model(config, metrics, version, margin=config.registry.promotion_margin_nats)
@@ -186,10 +190,38 @@ Open it with `python flows.py ui` and follow the experiment `vae-{config.data.da
 
 def dask_task_runner(address: str | None = None, workers: int = LOCAL_WORKERS) -> DaskTaskRunner:
     """Prefect's Dask task runner on the scheduler at ``address``, else on a local cluster of ``workers`` processes
-    of one thread each (Dask also starts them with OMP_NUM_THREADS=1)."""
+    of one thread each (Dask also starts them with OMP_NUM_THREADS=1).
+
+    The local cluster's scheduler, workers and dashboard listen on 127.0.0.1 only: Dask runs the pickled functions
+    any client sends it, without authentication (its dashboard would otherwise listen on every interface).
+    """
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787",
+    })
+
+
+def dask_address_warning(address: str) -> str | None:
+    """What to tell the user about the scheduler at ``address``, if it is reached in plain TCP beyond this machine."""
+    scheme, _, rest = address.rpartition("://")
+    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
+    if scheme not in ("", "tcp") or host == "localhost" or _is_loopback(host):
+        return None
+    return (
+        f"the Dask scheduler at {address} is reached without TLS: Dask runs the pickled functions any client sends, "
+        "without authentication, so whoever can reach the scheduler or a worker can run code on every worker. Start "
+        "the cluster with TLS (tls:// addresses; see the README's Operations section) unless every machine that can "
+        "reach it is trusted."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
 
 
 def run_trial(trial: sweep.Trial, parent_run_id: str, tracking_uri: str) -> TrainingOutcome:
@@ -351,7 +383,15 @@ def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    with process_group() as (rank, world_size):  # under torchrun: every process it started; else this one alone
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:  # start the group; each process runs this command
+        if args.resume is not None:
+            return _fail(ValueError("--resume continues a run in one process: leave out --processes"), 2)
+        try:
+            _config_from(args)  # a bad value is reported once, not by every process
+        except ConfigError as error:
+            return _fail(error, 2)
+        return launch([sys.executable, str(Path(__file__).resolve()), *args.argv], args.processes)
+    with process_group() as (rank, world_size):  # under --processes or torchrun: every process; else this one alone
         if world_size > 1 and args.resume is not None:
             return _fail(ValueError("--resume continues a run in one process: launch it without torchrun"), 2)
         try:
@@ -462,6 +502,8 @@ def _sweep(args: argparse.Namespace) -> int:
         sweep.trials(base, grid, samples=args.samples, seed=args.seed)  # every trial's config, checked before any work
     except ConfigError as error:
         return _fail(error, 2)
+    if args.dask_address and (warning := dask_address_warning(args.dask_address)):
+        print(f"warning: {warning}", file=sys.stderr)
     runner = dask_task_runner(args.dask_address, args.workers or LOCAL_WORKERS)
     state = sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
     if state.is_failed():
@@ -486,7 +528,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         overrides = {"eval.iwae_samples": args.iwae_samples} if args.iwae_samples is not None else {}
         config = with_overrides(loaded.config, overrides)
         prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
-    except (ConfigError, RuntimeError, LookupError, data.DataError) as error:
+    except (ConfigError, RuntimeError, LookupError, data.DataError, ModelFileError) as error:
         return _fail(error, 1)
     metrics = training.evaluate(loaded.model, prepared.test, config)
     if args.json:
@@ -501,7 +543,7 @@ def _generate(args: argparse.Namespace) -> int:
     tracking.ensure_store()
     try:
         loaded = registry.load(args.model)
-    except LookupError as error:
+    except (LookupError, ModelFileError) as error:
         return _fail(error, 1)
     images = loaded.model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     artifacts.image_grid(images, *artifacts.grid_shape(args.n)).save(args.output)
@@ -549,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train = commands.add_parser("train", parents=[config_options], help="run the training flow (a preset plus overrides)")
     train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint, with its config (plus --epochs, --set)")
+    train.add_argument("--processes", type=int, default=1, metavar="N", help="train in N processes on this machine with DistributedDataParallel (one per GPU, or per group of CPU cores), every socket on 127.0.0.1 (default: %(default)s)")
     train.set_defaults(handler=_train)
 
     serve = commands.add_parser(
@@ -605,6 +648,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ui.set_defaults(handler=_ui)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what each process of `train --processes N` runs
+    if getattr(args, "processes", 1) < 1:
+        parser.error("--processes must be at least 1")
     if getattr(args, "n", 1) < 1:
         parser.error("-n must be at least 1")
     if getattr(args, "workers", None) is not None and (args.workers < 1 or args.dask_address):

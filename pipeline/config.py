@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, Seed, TrainConfig
+from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, Seed, TrainConfig, field_errors
 
 TRAIN_IMAGES = 60_000  # both data sets
 MAX_PROMOTION_MARGIN_NATS = 1e6
@@ -154,13 +154,7 @@ def validate(values: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(values)
     except ValidationError as error:
-        problems = []
-        for issue in error.errors():
-            where = ".".join(str(part) for part in issue["loc"]) or "config"
-            value = issue.get("input")
-            given = "" if issue["type"] == "missing" or isinstance(value, Mapping) else f" (got {value!r})"
-            problems.append(f"{where}: {issue['msg']}{given}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+        raise ConfigError("invalid config:\n  " + "\n  ".join(field_errors(error))) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

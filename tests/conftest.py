@@ -1,5 +1,6 @@
 """Shared test harness: Prefect and MLflow in temporary homes, never the user's or the project's own."""
 
+import ipaddress
 import os
 import shutil
 import signal
@@ -10,7 +11,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -164,3 +165,58 @@ def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyP
     with running(command, ready_url=f"{url}/health", log=tmp_path / "mlflow-server.log"):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
         yield url, tmp_path / "server" / "artifacts"
+
+
+# --- what listens where ---------------------------------------------------------------------------------------------
+
+
+def listening_sockets(pids: Iterable[int]) -> set[tuple[str, int]]:
+    """The (address, port) on which the processes ``pids`` listen for TCP connections, read from /proc: "0.0.0.0" or
+    "::" is every interface. A process that has exited has none."""
+    inodes = set()
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone
+            continue
+        for descriptor in descriptors:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+            except OSError:  # closed while we looked (the listing's own descriptor, for one)
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                address, port = local.split(":")
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback address (::ffff:127.0.0.1)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process it started, and they started, that is still running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        found.append(current := queue.pop())
+        queue.extend(children.get(current, []))
+    return found

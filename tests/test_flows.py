@@ -5,14 +5,13 @@ import gzip
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import data, tracking
+from pipeline import data, registry, tracking
 from pipeline.config import PRESETS, load_config
 from tests.conftest import needs_mirror
 
@@ -75,7 +74,7 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
     version = client.get_model_version("vae-mnist", "1")
     assert version.tags["run_id"] == outcome.run_id
     assert float(version.tags["test_nll_nats"]) == pytest.approx(outcome.metrics["test_nll_nats"])
-    model = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    model = registry.load_model("models:/vae-mnist@champion")
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
     assert model.decode(torch.zeros(2, 2)).shape == (2, 1, 28, 28)
 

@@ -5,14 +5,13 @@ import json
 import os
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import data, tracking
+from pipeline import data, registry, tracking
 from pipeline.config import load_config
 from tests.conftest import needs_mirror
 
@@ -73,7 +72,7 @@ def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_
     version = client.get_model_version_by_alias("vae-mnist", "champion")
     assert (version.version, version.run_id, version.tags["run_id"]) == ("1", outcome.run_id, outcome.run_id)
     assert float(version.tags["test_nll_nats"]) == pytest.approx(outcome.metrics["test_nll_nats"])
-    model = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    model = registry.load_model("models:/vae-mnist@champion")
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
 
     # Nothing went to the local default store.

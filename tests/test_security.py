@@ -1,22 +1,30 @@
-"""Specification of the pipeline under attack, with real servers and processes: credentials never leak."""
+"""Specification of the pipeline under attack, with real servers and processes: a tampered model runs no code, and
+credentials never leak."""
 
 import asyncio
 import base64
 import gzip
 import http.server
 import json
+import pickle
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
+import yaml
 from mlflow import MlflowClient
 
 import flows
-from pipeline import data
+from pipeline import data, registry, tracking
+from pipeline.config import load_config
 from tests.conftest import PROJECT_ROOT, needs_mirror
+from vae.export import ModelFileError
+from vae.models import build_model
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -60,6 +68,138 @@ def everything_recorded_about(client: MlflowClient, run_id: str, scratch: Path) 
         if info.path.endswith((".txt", ".json")):
             texts.append(Path(client.download_artifacts(run_id, info.path, str(scratch))).read_text())
     return "\n".join(texts)
+
+
+# --- a tampered model runs no code ------------------------------------------------------------------------------------
+
+
+class Payload:
+    """A pickle that creates ``marker`` when unpickled: what a tamperer puts in a model file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+@pytest.fixture
+def champion_on_a_server(mlflow_server, tmp_path) -> tuple[Path, Path]:
+    """A tiny model logged to a real `mlflow server` and registered as models:/vae-mnist@champion.
+
+    Yields the model's directory in the server's artifact store (what whoever can write to the store can change) and
+    the path of the marker file a payload would create.
+    """
+    _, artifacts_destination = mlflow_server
+    config = load_config("default", {"model.hidden_dims": [16], "model.latent_dim": 2})
+    with tracking.start_run(config, run_name="to-be-tampered-with") as run:
+        uri = registry.log_model(build_model(config.model, seed=0), config.model, torch.rand(4, 1, 28, 28))
+    version = registry.register_version(uri, config, {"test_nll_nats": 90.0}, run.info.run_id)
+    registry.assign_alias(config, {"test_nll_nats": 90.0}, version)
+    (mlmodel,) = artifacts_destination.rglob("MLmodel")
+    yield mlmodel.parent, tmp_path / "payload-ran"
+
+
+def generate(output: Path) -> subprocess.CompletedProcess:
+    """``python flows.py generate models:/vae-mnist@champion -o OUTPUT``, as a user runs it."""
+    command = [sys.executable, "flows.py", "generate", "models:/vae-mnist@champion", "-n", "4", "-o", str(output)]
+    return subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_pickle_in_place_of_a_registered_models_weights_is_refused_and_never_unpickled(champion_on_a_server, tmp_path):
+    model, marker = champion_on_a_server
+    # Whatever the weights file is called: every binary file of the model's data.
+    weights = [path for path in (model / "data").rglob("*") if path.is_file() and path.suffix not in (".json", ".txt")]
+    for path in weights:
+        path.write_bytes(pickle.dumps(Payload(marker)))
+
+    generated = generate(tmp_path / "samples.png")
+    assert generated.returncode == 1
+    assert generated.stderr.endswith("weights.safetensors: not a safetensors file (Error while deserializing header: header too large)\n")
+    with pytest.raises(ModelFileError, match="weights.safetensors: not a safetensors file"):
+        mlflow.pyfunc.load_model("models:/vae-mnist@champion")  # MLflow's own loader, through pipeline.serving
+    with pytest.raises(ModelFileError, match="weights.safetensors: not a safetensors file"):
+        registry.load_model("models:/vae-mnist@champion")
+
+    assert [path.name for path in weights] == ["weights.safetensors"]
+    assert not marker.exists() and not (tmp_path / "samples.png").exists()
+
+
+def test_pickles_added_beside_a_registered_models_files_are_never_read(champion_on_a_server, tmp_path):
+    model, marker = champion_on_a_server
+    for name in ("data/vae/model.pkl", "data/model.pth", "model.pkl", "data/vae/pickle_module_info.txt"):
+        (model / name).write_bytes(pickle.dumps(Payload(marker)))
+
+    generated = generate(tmp_path / "samples.png")
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    images = torch.rand(2, 1, 28, 28).numpy()
+    expected = registry.load_model("models:/vae-mnist@champion").reconstruct(torch.as_tensor(images)).numpy()
+    assert (mlflow.pyfunc.load_model("models:/vae-mnist@champion").predict(images) == expected).all()
+    assert (registry.load_pyfunc("models:/vae-mnist@champion").predict(images) == expected).all()
+
+    assert not marker.exists() and (tmp_path / "samples.png").is_file()
+
+
+def tamper_mlmodel(model: Path, marker: Path, how: str) -> None:
+    """Edit the model's MLmodel as a tamperer would, so that MLflow's pyfunc loader runs ``Payload(marker)``."""
+    meta = yaml.safe_load((model / "MLmodel").read_text())
+    pyfunc = meta["flavors"]["python_function"]
+    if how == "unpickling-loader":  # mlflow.pytorch's loader torch.load()s the data file with weights_only=False
+        (model / "data" / "model.pth").write_bytes(pickle.dumps(Payload(marker)))
+        pyfunc.update(loader_module="mlflow.pytorch", data="data/model.pth")
+    elif how == "code-directory":  # MLflow puts it first on sys.path before importing the loader module
+        (model / "code" / "pipeline").mkdir(parents=True)
+        (model / "code" / "pipeline" / "__init__.py").write_text(f"open({str(marker)!r}, 'w')\n")
+        pyfunc["code"] = "code"
+    else:  # a second flavor, for the loaders that pick a flavor by name
+        (model / "data" / "model.pth").write_bytes(pickle.dumps(Payload(marker)))
+        meta["flavors"]["pytorch"] = {"model_data": "data/model.pth", "pytorch_version": str(torch.__version__)}
+    (model / "MLmodel").write_text(yaml.safe_dump(meta))
+
+
+@pytest.mark.parametrize(
+    ("how", "problem"),
+    [
+        ("unpickling-loader", "loader_module is 'mlflow.pytorch', not 'pipeline.serving'; data is 'data/model.pth', not 'data/vae'"),
+        ("code-directory", "code is 'code', not None"),
+        ("second-flavor", "flavors are ['python_function', 'pytorch'], not ['python_function']"),
+    ],
+)
+def test_a_registered_models_mlmodel_edited_to_run_code_is_refused_by_every_loader_of_the_pipeline(
+    champion_on_a_server, tmp_path, how, problem
+):
+    model, marker = champion_on_a_server
+    tamper_mlmodel(model, marker, how)
+
+    generated = generate(tmp_path / "samples.png")
+    assert generated.returncode == 1
+    refusal = (
+        f"models:/vae-mnist@champion: its MLmodel was altered or is not this pipeline's ({problem}): refusing to load "
+        "it, as MLflow would import and run what it names"
+    )
+    assert generated.stderr == f"error: {refusal}\n"
+    for load in (registry.load_model, registry.load_pyfunc, registry.load):
+        with pytest.raises(ModelFileError) as error:
+            load("models:/vae-mnist@champion")
+        assert str(error.value) == refusal
+
+    assert not marker.exists() and not (tmp_path / "samples.png").exists()
+
+
+def test_a_registered_models_config_with_bad_values_is_refused_naming_the_field(champion_on_a_server, tmp_path):
+    model, _ = champion_on_a_server
+    config_file = model / "data" / "vae" / "model_config.json"
+    values = json.loads(config_file.read_text())
+    values["model"]["hidden_dims"] = [10**9]  # a 784 x 10^9 layer: memory exhausted at load, were it built
+    config_file.write_text(json.dumps(values))
+
+    generated = generate(tmp_path / "samples.png")
+
+    assert generated.returncode == 1
+    assert generated.stderr.endswith(
+        "model_config.json: invalid model config:\n  hidden_dims.0: Input should be less than or equal to 4096 "
+        "(got 1000000000)\n"
+    )
 
 
 # --- credentials ----------------------------------------------------------------------------------------------------

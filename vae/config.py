@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Upper bounds, far above any sensible run, so that a typo or a tampered config.json (which --resume and evaluate
 # read back from the tracking store) is refused by name instead of exhausting memory or running for years.
@@ -104,3 +105,14 @@ class EvalConfig(_Settings):
     iwae_chunk_size: int = Field(32, gt=0, le=MAX_IWAE_SAMPLES)  # small chunks stay in cache: ~2x faster on a CPU than 250
     iwae_batch_size: int = Field(100, gt=0, le=MAX_BATCH_SIZE)
     seed: Seed = 0
+
+
+def field_errors(error: ValidationError) -> list[str]:
+    """One line per bad field of a failed validation: "train.epochs: Input should be greater than 0 (got 0)"."""
+    problems = []
+    for issue in error.errors():
+        where = ".".join(str(part) for part in issue["loc"]) or "config"
+        value = issue.get("input")
+        given = "" if issue["type"] == "missing" or isinstance(value, Mapping) else f" (got {value!r})"
+        problems.append(f"{where}: {issue['msg']}{given}")
+    return problems

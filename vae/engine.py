@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from vae import launch
 from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
 from vae.evaluate import evaluate_elbo
@@ -26,6 +28,7 @@ from vae.objectives import elbo_terms, kl_weight
 CHECKPOINT_FORMAT = 1
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
 VALIDATION_BATCH_SIZE = 1000
+VALIDATION_METRICS = ("elbo_nats", "reconstruction_nats", "kl_nats")  # evaluate_elbo's, shared by rank 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,21 +92,34 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
-    """Join the processes torchrun started and yield (rank, world size); without torchrun yield (0, 1), no group.
+    """Join the processes :func:`vae.launch.launch` or torchrun started and yield (rank, world size); in a process on
+    its own yield (0, 1), no group.
 
-    torchrun describes the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With CUDA the backend
-    is NCCL and process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
+    Both describe the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under vae.launch, rank 0
+    serves the group's store on the loopback socket it was handed and the others connect to it there. Under torchrun
+    the store is torchrun's, and rank 0 warns when it listens on every interface. With CUDA the backend is NCCL and
+    process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield 0, 1
         return
+    rank = int(os.environ["RANK"])
+    group: dict[str, Any] = {}  # torchrun's rendezvous (env://) unless rank 0 holds vae.launch's loopback socket
+    if (listener := launch.store_socket()) is not None:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=True,
+            master_listen_fd=listener,
+        )
+        group = {"store": store, "rank": rank, "world_size": world_size}
+    elif rank == 0 and (warning := launch.exposed_store_warning()):
+        warnings.warn(warning, stacklevel=3)
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **group)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **group)
     try:
         yield dist.get_rank(), world_size
     finally:
@@ -182,7 +198,7 @@ def fit(
             val = None
             if rank == 0:
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            metrics.update({f"val_{name}": value for name, value in _from_rank_0(val).items()})
+            metrics.update({f"val_{name}": value for name, value in _from_rank_0(val, device).items()})
         state.epoch = epoch
         state.history.append(metrics)
         if validation is not None:
@@ -274,13 +290,20 @@ def _sum_over_processes(values: Tensor) -> Tensor:
     return values
 
 
-def _from_rank_0(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every process (as it is in a single process)."""
+def _from_rank_0(metrics: dict[str, float] | None, device: torch.device) -> dict[str, float]:
+    """Rank 0's validation ``metrics`` (the names :func:`vae.evaluate.evaluate_elbo` returns) on every process, as they
+    are in a single process.
+
+    They travel as one float64 tensor: exact for Python floats, and unlike an object broadcast nothing is unpickled
+    from what the other end of the process group's sockets sent.
+    """
     if _rank_and_world_size()[1] == 1:
-        return value
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+        return metrics
+    values = torch.zeros(len(VALIDATION_METRICS), dtype=torch.float64, device=device)
+    if metrics is not None:  # rank 0
+        values.copy_(torch.tensor([metrics[name] for name in VALIDATION_METRICS], dtype=torch.float64))
+    dist.broadcast(values, src=0)
+    return dict(zip(VALIDATION_METRICS, values.tolist()))
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:
