@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from vae.launch import listening
+
 # Prefect reads its settings when first imported: point it at a temporary home before any test imports it.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="prefect-home-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
@@ -96,15 +98,16 @@ def free_port() -> int:
 def running(
     command: Sequence[str],
     *,
-    ready_url: str,
+    ready_url: str | None,
     log: Path,
     env: Mapping[str, str] | None = None,
     timeout: float = 180.0,
 ) -> Iterator[subprocess.Popen]:
     """``command`` running in a session of its own (from the project root, output to ``log``) until the block ends.
 
-    Waits until ``ready_url`` answers an HTTP GET with a 2xx status; fails the test with the end of the log if the
-    process exits first or ``timeout`` seconds pass. At the end the whole process group gets SIGTERM, then SIGKILL.
+    Waits until ``ready_url`` (unless None) answers an HTTP GET with a 2xx status; fails the test with the end of the
+    log if the process exits first or ``timeout`` seconds pass. At the end the whole process group gets SIGTERM, then
+    SIGKILL.
     """
     with open(log, "w") as output:
         process = subprocess.Popen(
@@ -113,7 +116,7 @@ def running(
         )
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(ready_url):
+        while ready_url is not None and not _answers(ready_url):
             if process.poll() is not None or time.monotonic() > deadline:
                 why = f"exited with {process.returncode}" if process.poll() is not None else f"not ready after {timeout} s"
                 pytest.fail(f"{' '.join(command)}: {why}; end of its log:\n{log.read_text()[-3000:]}")
@@ -171,8 +174,8 @@ def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyP
 
 
 def listening_sockets(pids: Iterable[int]) -> set[tuple[str, int]]:
-    """The (address, port) on which the processes ``pids`` listen for TCP connections, read from /proc: "0.0.0.0" or
-    "::" is every interface. A process that has exited has none."""
+    """The (address, port) on which the processes ``pids`` listen for TCP connections: "0.0.0.0" or "::" is every
+    interface. A process that has exited has none."""
     inodes = set()
     for pid in pids:
         try:
@@ -186,17 +189,7 @@ def listening_sockets(pids: Iterable[int]) -> set[tuple[str, int]]:
                 continue
             if link.startswith("socket:["):
                 inodes.add(link[len("socket:[") : -1])
-    found = set()
-    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and inode in inodes:  # 0A: LISTEN
-                address, port = local.split(":")
-                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
-                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found.add((socket.inet_ntop(family, raw), int(port, 16)))
-    return found
+    return {(address, port) for address, port, inode in listening() if inode in inodes}
 
 
 def is_loopback(address: str) -> bool:

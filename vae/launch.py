@@ -58,9 +58,9 @@ def store_socket() -> int | None:
     return None if value is None else int(value)
 
 
-def listening(port: int) -> list[tuple[str, str]]:
-    """(address, socket inode) of every TCP socket of this machine that listens on ``port``, from /proc/net/tcp and
-    tcp6 (Linux; elsewhere none): "0.0.0.0" and "::" mean every interface."""
+def listening() -> list[tuple[str, int, str]]:
+    """(address, port, socket inode) of every TCP socket of this machine that listens, from /proc/net/tcp and tcp6
+    (Linux; elsewhere none): address "0.0.0.0" or "::" is every interface."""
     found = []
     for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
         try:
@@ -69,18 +69,18 @@ def listening(port: int) -> list[tuple[str, str]]:
             continue
         for line in lines:
             fields = line.split()
-            address, hex_port = fields[1].split(":")
-            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            if fields[3] == "0A":  # LISTEN
+                address, port = fields[1].split(":")
                 raw = bytes.fromhex(address)  # 32-bit words in little-endian order
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
-                found.append((socket.inet_ntop(family, raw), fields[9]))
+                found.append((socket.inet_ntop(family, raw), int(port, 16), fields[9]))
     return found
 
 
 def exposed_store_warning() -> str | None:
     """What to tell the user when the store at MASTER_PORT (torchrun's) listens on every interface, else None."""
     port = int(os.environ.get("MASTER_PORT", "0"))
-    if not any(address in ("0.0.0.0", "::") for address, _ in listening(port)):
+    if not any(address in ("0.0.0.0", "::") and found == port for address, found, _ in listening()):
         return None
     return (
         f"the process group's store listens on port {port} of every network interface, without authentication "
