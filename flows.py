@@ -561,11 +561,23 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+UI_UNAUTHENTICATED = (
+    "MLflow's UI has no authentication: whoever reaches it can read every run and model, and change or delete them"
+)
+
+
 def _ui(args: argparse.Namespace) -> int:
     uri = tracking.default_tracking_uri()
     if uri.startswith(("http://", "https://")):
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {redact(uri)}")
         return 0
+    if not (args.host == "localhost" or _is_loopback(args.host)):
+        if not args.allow_remote:
+            print(f"error: --host {args.host} would serve the UI beyond this machine, and {UI_UNAUTHENTICATED}. Add "
+                  "--allow-remote to do it anyway, on a network you trust, or reach the UI through an SSH tunnel "
+                  f"(ssh -L {args.port}:127.0.0.1:{args.port} <this host>).", file=sys.stderr)
+            return 2
+        print(f"warning: serving the UI on {args.host} beyond this machine: {UI_UNAUTHENTICATED}.", file=sys.stderr)
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
     print(f"MLflow UI on http://{args.host}:{args.port} over {redact(uri)} (Ctrl-C stops it)", flush=True)
     os.execv(command[0], command)
@@ -643,7 +655,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote.set_defaults(handler=_promote)
 
     ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store and print its address")
-    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s); another than loopback needs --allow-remote")
+    ui.add_argument("--allow-remote", action="store_true", help="serve the UI on a --host other machines reach, although it has no authentication")
     ui.add_argument("--port", type=int, default=5000, help="(default: %(default)s)")
     ui.set_defaults(handler=_ui)
 

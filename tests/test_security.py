@@ -1,5 +1,5 @@
-"""Specification of the pipeline under attack, with real servers and processes: a tampered model runs no code, and
-credentials never leak."""
+"""Specification of the pipeline under attack, with real servers and processes: a tampered model runs no code, the UI
+listens no wider than asked, and credentials never leak."""
 
 import asyncio
 import base64
@@ -22,7 +22,7 @@ from mlflow import MlflowClient
 import flows
 from pipeline import data, registry, tracking
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, needs_mirror
+from tests.conftest import PROJECT_ROOT, descendants, free_port, is_loopback, listening_sockets, needs_mirror, running
 from vae.export import ModelFileError
 from vae.models import build_model
 
@@ -199,6 +199,49 @@ def test_a_registered_models_config_with_bad_values_is_refused_naming_the_field(
     assert generated.stderr.endswith(
         "model_config.json: invalid model config:\n  hidden_dims.0: Input should be less than or equal to 4096 "
         "(got 1000000000)\n"
+    )
+
+
+# --- the UI listens no wider than asked ----------------------------------------------------------------------------
+
+
+def serve_ui(tmp_path: Path, *options: str) -> tuple[int, set[tuple[str, int]], str]:
+    """``python flows.py ui --port PORT OPTIONS`` until it answers: its port, where its processes listen, its output."""
+    port = free_port()
+    command = [sys.executable, "flows.py", "ui", "--port", str(port), *options]
+    with running(command, ready_url=f"http://127.0.0.1:{port}/health", log=tmp_path / "ui.log") as ui:
+        sockets = listening_sockets(descendants(ui.pid))
+    return port, sockets, (tmp_path / "ui.log").read_text()
+
+
+def test_the_ui_listens_on_loopback_only(mlflow_store, tmp_path):
+    port, sockets, _ = serve_ui(tmp_path)
+
+    assert port in {found for _, found in sockets}
+    assert [address for address, _ in sockets if not is_loopback(address)] == []
+
+
+def test_the_ui_refuses_a_host_beyond_this_machine_unless_allowed(mlflow_store, monkeypatch, capsys):
+    def started(*args):
+        raise AssertionError(f"the UI was started: {args}")
+
+    monkeypatch.setattr(flows.os, "execv", started)
+
+    assert flows.main(["ui", "--host", "0.0.0.0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --host 0.0.0.0 would serve the UI beyond this machine, and MLflow's UI has no authentication: whoever "
+        "reaches it can read every run and model, and change or delete them. Add --allow-remote to do it anyway, on a "
+        "network you trust, or reach the UI through an SSH tunnel (ssh -L 5000:127.0.0.1:5000 <this host>).\n"
+    )
+
+
+def test_with_allow_remote_the_ui_listens_where_asked_and_says_it_has_no_authentication(mlflow_store, tmp_path):
+    port, sockets, output = serve_ui(tmp_path, "--host", "0.0.0.0", "--allow-remote")
+
+    assert ("0.0.0.0", port) in sockets
+    assert output.startswith(
+        "warning: serving the UI on 0.0.0.0 beyond this machine: MLflow's UI has no authentication: whoever reaches "
+        "it can read every run and model, and change or delete them.\n"
     )
 
 
