@@ -4,6 +4,7 @@ rank 0 alone tracks and registers, and the group listens on loopback only."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,14 +62,16 @@ def train_in_processes(
     env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a shared machine: one thread each
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True)
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
         seen: set[tuple[str, int]] = set()
         deadline = time.monotonic() + timeout
         while process.poll() is None and time.monotonic() < deadline:
             seen |= listening_sockets(descendants(process.pid))
             time.sleep(0.5)
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
         process.wait()
         out.seek(0)
         err.seek(0)

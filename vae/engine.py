@@ -105,12 +105,8 @@ def process_group() -> Iterator[tuple[int, int]]:
         yield 0, 1
         return
     rank = int(os.environ["RANK"])
-    group: dict[str, Any] = {}  # torchrun's rendezvous (env://) unless rank 0 holds vae.launch's loopback socket
-    if (listener := launch.store_socket()) is not None:
-        store = dist.TCPStore(
-            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=True,
-            master_listen_fd=listener,
-        )
+    group: dict[str, Any] = {}  # torchrun's rendezvous (env://), unless vae.launch started the group
+    if (store := launch.loopback_store(rank, world_size)) is not None:
         group = {"store": store, "rank": rank, "world_size": world_size}
     elif rank == 0 and (warning := launch.exposed_store_warning()):
         warnings.warn(warning, stacklevel=3)

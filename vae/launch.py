@@ -7,11 +7,15 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import torch.distributed as dist
+
 STORE_FD_ENV = "VAE_STORE_FD"  # rank 0's inherited socket, already listening on 127.0.0.1:MASTER_PORT
+LAUNCHER_ENV = "VAE_LAUNCHER_PID"  # set in every process launch() starts: the launcher's process id
 LOOPBACK = "127.0.0.1"
 STOP_SECONDS = 10.0  # how long the others get to exit after one process failed, before SIGKILL
 
@@ -20,7 +24,7 @@ def launch(command: Sequence[str], processes: int, *, env: Mapping[str, str] | N
     """Run ``command`` as ``processes`` processes (ranks 0 to N-1) and wait for them; the exit code of the group.
 
     Each process gets torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
-    and rank 0 a listening socket on 127.0.0.1 for the group's store (``STORE_FD_ENV``, see :func:`store_socket`);
+    and rank 0 a listening socket on 127.0.0.1 for the group's store (see :func:`loopback_store`);
     Gloo and NCCL are told to use the loopback interface, and OMP_NUM_THREADS (unless set) shares the cores. When one process fails, the others are stopped (they would
     wait for it in a collective), and its exit code is the group's; otherwise rank 0's is.
     """
@@ -30,7 +34,7 @@ def launch(command: Sequence[str], processes: int, *, env: Mapping[str, str] | N
     shared = {
         **(os.environ if env is None else env),
         "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes),
-        "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(listener.getsockname()[1]),
+        "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(listener.getsockname()[1]), LAUNCHER_ENV: str(os.getpid()),
     }
     # As torchrun does, so that N processes do not each start a thread per core.
     shared.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
@@ -52,10 +56,27 @@ def launch(command: Sequence[str], processes: int, *, env: Mapping[str, str] | N
         _stop(children)
 
 
-def store_socket() -> int | None:
-    """The file descriptor of the listening socket :func:`launch` gave this process (rank 0), or None."""
-    value = os.environ.get(STORE_FD_ENV)
-    return None if value is None else int(value)
+def loopback_store(rank: int, world_size: int) -> dist.TCPStore | None:
+    """The group's store, when :func:`launch` started this process (else None): rank 0 serves it on the loopback
+    socket it was handed, the others connect to it there.
+
+    Every process also stops (SIGTERM to itself) once the launcher is gone, instead of waiting in a collective for
+    processes that the launcher would have stopped.
+    """
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher is None:
+        return None
+    threading.Thread(target=_exit_without, args=(int(launcher),), name="launcher-watch", daemon=True).start()
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank == 0:
+        return dist.TCPStore(address, port, world_size, is_master=True, master_listen_fd=int(os.environ[STORE_FD_ENV]))
+    return dist.TCPStore(address, port, world_size, is_master=False)
+
+
+def _exit_without(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def listening() -> list[tuple[str, int, str]]:
