@@ -22,7 +22,9 @@ from mlflow import MlflowClient
 import flows
 from pipeline import data, registry, tracking
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, descendants, free_port, is_loopback, listening_sockets, needs_mirror, running
+from tests.conftest import (
+    PROJECT_ROOT, Payload, descendants, free_port, is_loopback, listening_sockets, needs_mirror, running,
+)
 from vae.export import ModelFileError
 from vae.models import build_model
 
@@ -71,16 +73,6 @@ def everything_recorded_about(client: MlflowClient, run_id: str, scratch: Path) 
 
 
 # --- a tampered model runs no code ------------------------------------------------------------------------------------
-
-
-class Payload:
-    """A pickle that creates ``marker`` when unpickled: what a tamperer puts in a model file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 @pytest.fixture

@@ -9,22 +9,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import Payload
 from vae.config import ModelConfig
 from vae.export import CONFIG_FILE, FORMAT, MAX_CONFIG_BYTES, WEIGHTS_FILE, ModelFileError, load, read_config, save
 from vae.models import build_model
 
 MLP = ModelConfig(hidden_dims=(32, 16), latent_dim=3)
 CONV = ModelConfig(architecture="conv", latent_dim=2, conv_dense_dim=16, decoder_projection="transposed_conv")
-
-
-class Payload:
-    """A pickle that creates ``marker`` when unpickled: what a tamperer would put in a model file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (str(self.marker), "w")
 
 
 @pytest.fixture
@@ -60,20 +51,14 @@ def test_saving_a_model_with_another_config_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_pickle_in_place_of_the_weights_is_refused_and_never_unpickled(saved, tmp_path):
+@pytest.mark.parametrize(
+    ("name", "problem"), [(WEIGHTS_FILE, r"not a safetensors file \(.*header"), (CONFIG_FILE, "not JSON ")], ids=["weights", "config"]
+)
+def test_a_pickle_in_place_of_either_file_is_refused_and_never_unpickled(saved, tmp_path, name, problem):
     marker = tmp_path / "payload-ran"
-    (saved / WEIGHTS_FILE).write_bytes(pickle.dumps(Payload(marker)))
+    (saved / name).write_bytes(pickle.dumps(Payload(marker)))
 
-    with pytest.raises(ModelFileError, match=rf"^{saved / WEIGHTS_FILE}: not a safetensors file \(.*header"):
-        load(saved)
-    assert not marker.exists()
-
-
-def test_a_pickle_in_place_of_the_config_is_refused_and_never_unpickled(saved, tmp_path):
-    marker = tmp_path / "payload-ran"
-    (saved / CONFIG_FILE).write_bytes(pickle.dumps(Payload(marker)))
-
-    with pytest.raises(ModelFileError, match=rf"^{saved / CONFIG_FILE}: not JSON "):
+    with pytest.raises(ModelFileError, match=rf"^{saved / name}: {problem}"):
         load(saved)
     assert not marker.exists()
 
