@@ -61,6 +61,8 @@ def train_in_processes(
         command = [sys.executable, *train, "--processes", str(processes)]
     env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a shared machine: one thread each
+    # Prefect's temporary server gets 20 s to start by default, which a loaded 2-core machine does not always give it.
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(
             command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True
