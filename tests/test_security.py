@@ -10,6 +10,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,8 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import flows
 from pipeline import data, registry, tracking
@@ -70,6 +73,19 @@ def everything_recorded_about(client: MlflowClient, run_id: str, scratch: Path) 
         if info.path.endswith((".txt", ".json")):
             texts.append(Path(client.download_artifacts(run_id, info.path, str(scratch))).read_text())
     return "\n".join(texts)
+
+
+# --- torch's own loader ---------------------------------------------------------------------------------------------
+
+
+def test_the_torch_requirement_excludes_the_versions_whose_weights_only_loads_can_run_code():
+    # CVE-2025-32434: before 2.6, torch.load(weights_only=True) could still run code from a crafted file; the engine's
+    # checkpoints are loaded that way.
+    dependencies = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_requirement,) = [requirement for requirement in map(Requirement, dependencies) if requirement.name == "torch"]
+
+    assert not torch_requirement.specifier.contains("2.5.1") and torch_requirement.specifier.contains("2.6.0")
+    assert Version(torch.__version__.split("+")[0]) >= Version("2.6")
 
 
 # --- a tampered model runs no code ------------------------------------------------------------------------------------
