@@ -6,6 +6,7 @@ import base64
 import gzip
 import http.server
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 import flows
-from pipeline import data, registry, tracking
+from pipeline import cli, data, registry, tracking
 from pipeline.config import load_config
 from tests.conftest import (
     PROJECT_ROOT, Payload, descendants, free_port, is_loopback, listening_sockets, needs_mirror, running,
@@ -233,9 +234,9 @@ def test_the_ui_refuses_a_host_beyond_this_machine_unless_allowed(mlflow_store, 
     def started(*args):
         raise AssertionError(f"the UI was started: {args}")
 
-    monkeypatch.setattr(flows.os, "execv", started)
+    monkeypatch.setattr(cli.os, "execv", started)
 
-    assert flows.main(["ui", "--host", "0.0.0.0"]) == 2
+    assert cli.main(["ui", "--host", "0.0.0.0"]) == 2
     assert capsys.readouterr().err == (
         "error: --host 0.0.0.0 would serve the UI beyond this machine, and MLflow's UI has no authentication: whoever "
         "reaches it can read every run and model, and change or delete them. Add --allow-remote to do it anyway, on a "
@@ -297,7 +298,7 @@ def test_a_mirror_password_is_in_no_tag_file_log_or_output_of_the_run_its_downlo
     monkeypatch.setattr(flows, "fetch_data", flows.fetch_data.with_options(retries=0))
 
     with pytest.warns(UserWarning) as warned:
-        code = flows.main(["train", *SMALL_ARGS, "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
+        code = cli.main(["train", *SMALL_ARGS, "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
 
     assert code == 1
     assert set(received) == {"Basic " + base64.b64encode(f"alice:{SECRET}".encode()).decode()}  # the password was used
@@ -323,7 +324,7 @@ def test_a_tracking_server_password_is_in_no_output_artifact_log_or_tag_of_a_run
     url, _ = mlflow_server
     monkeypatch.setenv("MLFLOW_TRACKING_URI", with_credentials(url))
 
-    assert flows.main(["train", *SMALL_ARGS]) == 0
+    assert cli.main(["train", *SMALL_ARGS]) == 0
 
     out, err = capfd.readouterr()
     assert f"store {redacted(url)})" in out
@@ -338,7 +339,7 @@ def test_a_tracking_server_password_is_in_no_output_artifact_log_or_tag_of_a_run
 
     missing = subprocess.run(
         [sys.executable, "flows.py", "evaluate", "models:/vae-mnist@nope"], cwd=PROJECT_ROOT,
-        env={**flows.os.environ, "MLFLOW_TRACKING_URI": with_credentials(url)}, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": with_credentials(url)}, capture_output=True, text=True, timeout=300,
     )
     assert missing.returncode == 1
     assert missing.stderr.startswith(f"error: no model 'models:/vae-mnist@nope' in {redacted(url)}: ")
