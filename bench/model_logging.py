@@ -35,7 +35,8 @@ def main() -> None:
             registry.load_model(uri)
             load_seconds.append(time.perf_counter() - started)
     for name, seconds in (("log_model", log_seconds), ("load_model", load_seconds)):
-        print(f"{name}: median {statistics.median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f}), {len(seconds)} rounds")
+        spread = f"min {min(seconds):.3f}, max {max(seconds):.3f}"
+        print(f"{name}: median {statistics.median(seconds):.3f} s ({spread}), {len(seconds)} rounds")
 
 
 if __name__ == "__main__":

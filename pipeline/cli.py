@@ -70,7 +70,7 @@ def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    starts_group = args.processes > 1 and "WORLD_SIZE" not in os.environ  # else this process is one of a group, or alone
+    starts_group = args.processes > 1 and "WORLD_SIZE" not in os.environ  # else one of a group, or alone
     if starts_group and args.resume is not None:
         return _fail(ValueError("--resume continues a run in one process: leave out --processes"), 2)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.resume is not None:
@@ -83,7 +83,8 @@ def _train(args: argparse.Namespace) -> int:
     if starts_group:  # each process runs this same command; a bad value was reported once, above
         from vae.launch import launch
 
-        return launch([sys.executable, str(Path(__file__).resolve().parent.parent / "flows.py"), *args.argv], args.processes)
+        flows_py = Path(__file__).resolve().parent.parent / "flows.py"
+        return launch([sys.executable, str(flows_py), *args.argv], args.processes)
     from vae.distributed import process_group
 
     with process_group() as (rank, _):  # under --processes or torchrun: every process of the group; else this one

@@ -32,7 +32,8 @@ class DataConfig(BaseModel):
     validation_size: int = Field(10_000, ge=0, lt=TRAIN_IMAGES)
     split_seed: Seed = 0
     binarization_seed: Seed = 0
-    train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES)  # keep only this many training images (quick runs, tests)
+    # Keep only this many training images (quick runs, tests).
+    train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES)
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
 
 

@@ -209,9 +209,8 @@ def fetch(
             warnings.warn(f"cached {path} has sha256 {actual}, expected {expected}; fetching it again", stacklevel=2)
         sources = [f"{mirror.rstrip('/')}/{spec.name}/{name}{suffix}" for mirror in mirrors for suffix in (".gz", "")]
         sources += [f"{host.rstrip('/')}/{name}.gz" for host in spec.hosts]
-        _fetch_file(
-            path, expected, spec.sizes[name], sources, timeout=timeout, retries=retries, backoff=backoff, deadline=deadline
-        )
+        limits = {"timeout": timeout, "retries": retries, "backoff": backoff, "deadline": deadline}
+        _fetch_file(path, expected, spec.sizes[name], sources, **limits)
     return paths
 
 
@@ -452,7 +451,7 @@ def _gunzipped(stream: io.BufferedReader) -> BinaryIO:
 
 
 def _request(url: str) -> urllib.request.Request:
-    """A GET of ``url``, whose user-info, if any, is sent as HTTP basic auth (urllib would take it for part of the host).
+    """A GET of ``url``, whose user-info, if any, goes as HTTP basic auth (urllib would take it for part of the host).
 
     The header is not redirected: a redirect to another host must not receive the credentials.
     """

@@ -19,7 +19,7 @@ class Reconstructions:
         self.model = model
 
     def predict(self, data: np.ndarray, params: dict | None = None) -> np.ndarray:
-        """Images [N, C, H, W] in [0, 1] (float32, as the model's signature says) in, reconstructions the same shape out."""
+        """Images [N, C, H, W] in [0, 1] (float32, as the signature says) in, reconstructions of that shape out."""
         return self.model.reconstruct(torch.as_tensor(np.asarray(data, dtype=np.float32))).numpy()
 
 

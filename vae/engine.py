@@ -139,7 +139,8 @@ def fit(
             val = None
             if rank == 0:
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            metrics.update({f"val_{name}": value for name, value in from_rank_0(val, VALIDATION_METRICS, device).items()})
+            shared = from_rank_0(val, VALIDATION_METRICS, device)
+            metrics.update({f"val_{name}": value for name, value in shared.items()})
         state.epoch = epoch
         state.history.append(metrics)
         if validation is not None:

@@ -39,7 +39,8 @@ def save(model: VAE, config: ModelConfig, directory: Path | str) -> None:
         raise ValueError(f"the model does not match its config: {problem}")
     directory.mkdir(parents=True, exist_ok=True)
     save_file(weights, directory / WEIGHTS_FILE, metadata={"format": FORMAT})
-    (directory / CONFIG_FILE).write_text(json.dumps({"format": FORMAT, "model": config.model_dump(mode="json")}, indent=2))
+    described = {"format": FORMAT, "model": config.model_dump(mode="json")}
+    (directory / CONFIG_FILE).write_text(json.dumps(described, indent=2))
 
 
 def load(directory: Path | str, *, device: torch.device | str = "cpu") -> VAE:

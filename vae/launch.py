@@ -24,9 +24,10 @@ def launch(command: Sequence[str], processes: int, *, env: Mapping[str, str] | N
     """Run ``command`` as ``processes`` processes (ranks 0 to N-1) and wait for them; the exit code of the group.
 
     Each process gets torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
-    and rank 0 a listening socket on 127.0.0.1 for the group's store (see :func:`loopback_store`);
-    Gloo and NCCL are told to use the loopback interface, and OMP_NUM_THREADS (unless set) shares the cores. When one process fails, the others are stopped (they would
-    wait for it in a collective), and its exit code is the group's; otherwise rank 0's is.
+    and rank 0 a listening socket on 127.0.0.1 for the group's store (see :func:`loopback_store`). Gloo and NCCL are
+    told to use the loopback interface, and OMP_NUM_THREADS (unless set) shares the cores among the processes. When
+    one process fails, the others are stopped (they would wait for it in a collective), and its exit code is the
+    group's; otherwise rank 0's is.
     """
     if processes < 1:
         raise ValueError(f"processes must be at least 1, got {processes}")
@@ -37,7 +38,8 @@ def launch(command: Sequence[str], processes: int, *, env: Mapping[str, str] | N
         "MASTER_ADDR": LOOPBACK, "MASTER_PORT": str(listener.getsockname()[1]), LAUNCHER_ENV: str(os.getpid()),
     }
     # As torchrun does, so that N processes do not each start a thread per core.
-    shared.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // processes)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    shared.setdefault("OMP_NUM_THREADS", str(max(1, cores // processes)))
     if interface := loopback_interface():
         shared.setdefault("GLOO_SOCKET_IFNAME", interface)
         shared.setdefault("NCCL_SOCKET_IFNAME", interface)
