@@ -39,6 +39,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from pipeline import data, registry, sample_quality, sweep, tracking, training
 from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
+from pipeline.redaction import redact
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner
@@ -141,7 +142,7 @@ def tracked_training(
         log_evaluation(model, prepared.test, prepared.class_names, metrics)
         model_uri = version = decision = None
         if model_step in ("log", "register"):
-            model_uri = log_model(model, prepared.test.pixels[:4])
+            model_uri = log_model(model, config.model, prepared.test.pixels[:4])
         if model_step == "register":
             version = register_model(model_uri, config, metrics, run.info.run_id)
             decision = promote_model(config, metrics, version)
@@ -183,7 +184,7 @@ def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
 {f"{chr(10)}Note: {note}.{chr(10)}" if note else ""}
 ## MLflow
 
-Run `{outcome.run_id}` in experiment `{config.experiment_name}` of `{outcome.tracking_uri}`: {ui_link}.
+Run `{outcome.run_id}` in experiment `{config.experiment_name}` of `{redact(outcome.tracking_uri)}`: {ui_link}.
 
 ## Registry
 
@@ -196,12 +197,17 @@ Run `{outcome.run_id}` in experiment `{config.experiment_name}` of `{outcome.tra
 
 def dask_task_runner(address: str | None = None, workers: int = LOCAL_WORKERS) -> DaskTaskRunner:
     """Prefect's Dask task runner on the scheduler at ``address``, else on a local cluster of ``workers`` processes
-    of one thread each (Dask also starts them with OMP_NUM_THREADS=1)."""
-    from prefect_dask import DaskTaskRunner
+    of one thread each (Dask also starts them with OMP_NUM_THREADS=1).
 
+    The local cluster's scheduler, workers and dashboard listen on 127.0.0.1 only: Dask runs the pickled functions
+    any client sends it, without authentication (its dashboard would otherwise listen on every interface).
+    """
     if address:
         return DaskTaskRunner(address=address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": workers, "threads_per_worker": 1, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787",
+    })
 
 
 def run_trial(trial: sweep.Trial, parent_run_id: str, tracking_uri: str) -> TrainingOutcome:

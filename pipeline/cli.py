@@ -7,11 +7,13 @@ that need no Prefect (evaluate, generate, promote, ui) never start or reach a Pr
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
 import os
 import sys
 import traceback
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from pipeline import prefect_api
 from pipeline.config import (
     DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides,
 )
+from pipeline.redaction import redact
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,7 +73,7 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
     _print_metrics(config, outcome.metrics)
-    print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {outcome.tracking_uri})")
+    print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {redact(outcome.tracking_uri)})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
     _print_ui(outcome.tracking_uri, outcome.experiment_id, outcome.run_id)
@@ -85,6 +88,9 @@ def _print_ui(tracking_uri: str, experiment_id: str, run_id: str) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    starts_group = args.processes > 1 and "WORLD_SIZE" not in os.environ  # else one of a group, or alone
+    if starts_group and args.resume is not None:
+        return _fail(ValueError("--resume continues a run in one process: leave out --processes"), 2)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.resume is not None:
         return _fail(ValueError("--resume continues a run in one process: launch it without torchrun"), 2)
     try:
@@ -98,9 +104,14 @@ def _train(args: argparse.Namespace) -> int:
         _checked_device(config)
     except RuntimeError as error:
         return _fail(error, 2)
+    if starts_group:  # each process runs this same command; a bad value was reported once, above
+        from vae.launch import launch
+
+        flows_py = Path(__file__).resolve().parent.parent / "flows.py"
+        return launch([sys.executable, str(flows_py), *args.argv], args.processes)
     from vae.distributed import process_group
 
-    with process_group() as (rank, _):  # under torchrun: every process it started; else this one alone
+    with process_group() as (rank, _):  # under --processes or torchrun: every process of the group; else this one
         if rank != 0:
             return _train_shard(config)
         from flows import train_flow
@@ -116,7 +127,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_shard(config: RunConfig) -> int:
-    """A torchrun process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
+    """A process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
     from pipeline import data, training
     from vae.engine import NonFiniteLossError
 
@@ -153,16 +164,16 @@ def _serve(args: argparse.Namespace) -> int:
     with get_client(sync_client=True) as client:
         unreachable = client.api_healthcheck()
     if unreachable is not None:
-        print(f"error: no Prefect server answers at PREFECT_API_URL={api_url} ({unreachable}); start it with "
-              "`prefect server start`, or point PREFECT_API_URL at a running one", file=sys.stderr)
+        print(redact(f"error: no Prefect server answers at PREFECT_API_URL={api_url} ({unreachable}); start it with "
+                     "`prefect server start`, or point PREFECT_API_URL at a running one"), file=sys.stderr)
         return 2
     tracking_uri = tracking.ensure_store()
     name = args.name or f"scheduled-retraining-{config.preset}"
     deployment = f"{flows.train_flow.name}/{name}"
-    print(f"deployment      {deployment} on the Prefect server at {api_url}")
+    print(f"deployment      {deployment} on the Prefect server at {redact(api_url)}")
     print(f"  schedule      {schedule.cron} ({schedule.timezone}), next run {flows.next_run_time(schedule):%Y-%m-%d %H:%M %Z}")
     print(f"  each run      {config.preset} on {config.data.dataset}, {config.train.epochs} epochs: a new MLflow run in "
-          f"experiment {config.experiment_name} of {tracking_uri}, registered as a new version of {config.model_name} "
+          f"experiment {config.experiment_name} of {redact(tracking_uri)}, registered as a new version of {config.model_name} "
           "that competes for champion")
     print(f"  run it now    prefect deployment run '{deployment}'")
     print("This process runs the deployment's flow runs: keep it running (Ctrl-C stops it and pauses the schedule).", flush=True)
@@ -179,6 +190,8 @@ def _sweep(args: argparse.Namespace) -> int:
         sweep.trials(base, grid, samples=args.samples, seed=args.seed)  # every trial's config, checked before any work
     except ConfigError as error:
         return _fail(error, 2)
+    if args.dask_address and (warning := dask_address_warning(args.dask_address)):
+        print(f"warning: {warning}", file=sys.stderr)
     server = prefect_api.start_private_server()
     import flows
 
@@ -192,7 +205,7 @@ def _sweep(args: argparse.Namespace) -> int:
     outcome: flows.SweepOutcome = state.result()
     print(f"\n{len(outcome.leaderboard)} trials of {base.preset} on {base.data.dataset}, best first:")
     print(outcome.leaderboard.fillna({"error": ""}).to_string(index=False, max_colwidth=80))
-    print(f"  MLflow run      {outcome.run_id} with the trials nested (experiment {base.experiment_name}, store {outcome.tracking_uri})")
+    print(f"  MLflow run      {outcome.run_id} with the trials nested (experiment {base.experiment_name}, store {redact(outcome.tracking_uri)})")
     print(f"  best            trial {outcome.best_trial}, run {outcome.best_run_id}")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
@@ -203,6 +216,7 @@ def _sweep(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from pipeline import data, registry, tracking, training
     from vae.distributed import resolve_device
+    from vae.export import ModelFileError
 
     tracking.ensure_store()
     try:
@@ -212,7 +226,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         config = with_overrides(loaded.config, overrides)
         files = data.fetch(config.data.dataset, config.data.cache_dir)
         prepared = data.prepare_configured(config.data, files)
-    except (ConfigError, RuntimeError, LookupError, data.DataError) as error:
+    except (ConfigError, RuntimeError, LookupError, data.DataError, ModelFileError) as error:
         return _fail(error, 1)
     metrics = training.evaluate(loaded.model, prepared.test, config)
     if config.eval.fid:  # the registered classifier of the run's data set and recipe (trained first if there is none)
@@ -232,11 +246,12 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from pipeline import pictures, registry, tracking
+    from vae.export import ModelFileError
 
     tracking.ensure_store()
     try:
         loaded = registry.load(args.model)
-    except LookupError as error:
+    except (LookupError, ModelFileError) as error:
         return _fail(error, 1)
     images = loaded.model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
     pictures.image_grid(images, *pictures.grid_shape(args.n)).save(args.output)
@@ -295,23 +310,56 @@ def _promote(args: argparse.Namespace) -> int:
     return 0
 
 
+UI_UNAUTHENTICATED = (
+    "MLflow's UI has no authentication: whoever reaches it can read every run and model, and change or delete them"
+)
+
+
 def _ui(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
     uri = tracking.default_tracking_uri()
     if uri.startswith(("http://", "https://")):
-        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {uri}")
+        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {redact(uri)}")
         return 0
+    if not (args.host == "localhost" or _is_loopback(args.host)):
+        if not args.allow_remote:
+            print(f"error: --host {args.host} would serve the UI beyond this machine, and {UI_UNAUTHENTICATED}. Add "
+                  "--allow-remote to do it anyway, on a network you trust, or reach the UI through an SSH tunnel "
+                  f"(ssh -L {args.port}:127.0.0.1:{args.port} <this host>).", file=sys.stderr)
+            return 2
+        print(f"warning: serving the UI on {args.host} beyond this machine: {UI_UNAUTHENTICATED}.", file=sys.stderr)
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
     address = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI on {address} over {uri} (Ctrl-C stops it); the runs of each experiment:", flush=True)
+    print(f"MLflow UI on {address} over {redact(uri)} (Ctrl-C stops it); the runs of each experiment:", flush=True)
     for name, experiment_id in tracking.experiments().items():
         print(f"  {name:<20} {tracking.ui_url(experiment_id, tracking_uri=uri, ui=address)}", flush=True)
     os.execv(command[0], command)
 
 
+def dask_address_warning(address: str) -> str | None:
+    """What to tell the user about the scheduler at ``address``, if it is reached in plain TCP beyond this machine."""
+    scheme, _, rest = address.rpartition("://")
+    host = urllib.parse.urlsplit(f"//{rest}").hostname or ""
+    if scheme not in ("", "tcp") or host == "localhost" or _is_loopback(host):
+        return None
+    return (
+        f"the Dask scheduler at {address} is reached without TLS: Dask runs the pickled functions any client sends, "
+        "without authentication, so whoever can reach the scheduler or a worker can run code on every worker. Start "
+        "the cluster with TLS (tls:// addresses; see the README's Operations section) unless every machine that can "
+        "reach it is trusted."
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return False
+
+
 def _fail(error: BaseException, code: int) -> int:
-    print(f"error: {error}", file=sys.stderr)
+    print(redact(f"error: {error}"), file=sys.stderr)
     return code
 
 
@@ -328,14 +376,14 @@ def _flow_failed(flow: str, state: State) -> int:
     """Report a failed flow run once: the error's message, with its traceback only when the error was not foreseen."""
     error = state.result(raise_on_failure=False)
     if not isinstance(error, BaseException):  # failed without an exception of its own (e.g. crashed infrastructure)
-        print(f"error: {flow} failed: {state.message}", file=sys.stderr)
+        lines = [f"error: {flow} failed: {state.message}"]
     elif isinstance(error, _expected_errors()):
-        print(f"error: {flow} failed: {error}", file=sys.stderr)
+        lines = [f"error: {flow} failed: {error}"]
     else:
-        print("".join(traceback.format_exception(error)).rstrip(), file=sys.stderr)
-        print(f"error: {flow} failed: {type(error).__name__}: {error}", file=sys.stderr)
-    for note in getattr(error, "__notes__", []) if isinstance(error, BaseException) else []:
-        print(f"  {note}", file=sys.stderr)  # e.g. which run to resume when the store could not be told
+        trace = "".join(traceback.format_exception(error)).rstrip()
+        lines = [trace, f"error: {flow} failed: {type(error).__name__}: {error}"]
+    lines += [f"  {note}" for note in getattr(error, "__notes__", [])]  # e.g. which run to resume, if the store was down
+    print(redact("\n".join(lines)), file=sys.stderr)  # a URL in the error may hold a password
     return 1
 
 
@@ -384,6 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     train = commands.add_parser("train", parents=[config_options], help="run the training flow (a preset plus overrides)")
     train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint, with its config (plus --epochs, --set)")
+    train.add_argument("--processes", type=int, default=1, metavar="N", help="train in N processes on this machine with DistributedDataParallel (one per GPU, or per group of CPU cores), every socket on 127.0.0.1 (default: %(default)s)")
     train.set_defaults(handler=_train)
 
     serve = commands.add_parser(
@@ -446,11 +495,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     promote.set_defaults(handler=_promote)
 
     ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store and print its address")
-    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s); another than loopback needs --allow-remote")
+    ui.add_argument("--allow-remote", action="store_true", help="serve the UI on a --host other machines reach, although it has no authentication")
     ui.add_argument("--port", type=int, default=5000, help="(default: %(default)s)")
     ui.set_defaults(handler=_ui)
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what each process of `train --processes N` runs
+    if getattr(args, "processes", 1) < 1:
+        parser.error("--processes must be at least 1")
     if getattr(args, "n", 1) < 1:
         parser.error("-n must be at least 1")
     if getattr(args, "workers", None) is not None and (args.workers < 1 or args.dask_address):

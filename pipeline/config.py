@@ -10,9 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vae.config import ClassifierConfig, EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
+from vae.config import ClassifierConfig, EvalConfig, ModelConfig, ObjectiveConfig, Seed, TrainConfig, field_errors
 
 TRAIN_IMAGES = 60_000  # both data sets
+MAX_PROMOTION_MARGIN_NATS = 1e6
 LOCAL_WORKERS = 2  # `flows.py sweep`: processes of the local Dask cluster, one trial at a time each
 DEFAULT_RETRAINING_CRON = "0 3 * * 1"  # `flows.py serve`: Mondays at 03:00
 
@@ -24,32 +25,33 @@ class ConfigError(ValueError):
 class DataConfig(BaseModel):
     """Which data set, how it is split and binarized, and where it is cached."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     dataset: Literal["mnist", "fashion-mnist"] = "mnist"
     binarization: Literal["dynamic", "static", "threshold", "none"] = "dynamic"
     validation_size: int = Field(10_000, ge=0, lt=TRAIN_IMAGES)
-    split_seed: int = 0
-    binarization_seed: int = 0
-    train_subset: int | None = Field(None, gt=0)  # keep only this many training images (quick runs, tests)
+    split_seed: Seed = 0
+    binarization_seed: Seed = 0
+    # Keep only this many training images (quick runs, tests).
+    train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES)
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
 
 
 class RegistryConfig(BaseModel):
     """Whether the trained model is registered, and by how much it must beat the champion to replace it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     enabled: bool = True
-    promotion_margin_nats: float = Field(0.0, ge=0)
+    promotion_margin_nats: float = Field(0.0, ge=0, le=MAX_PROMOTION_MARGIN_NATS)
 
 
 class RunConfig(BaseModel):
     """Everything a run needs; built from a preset plus overrides and checked before any work starts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    preset: str = "default"
+    preset: str = Field("default", max_length=100)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     objective: ObjectiveConfig = ObjectiveConfig()
@@ -222,13 +224,7 @@ def validate(values: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(values)
     except ValidationError as error:
-        problems = []
-        for issue in error.errors():
-            where = ".".join(str(part) for part in issue["loc"]) or "config"
-            value = issue.get("input")
-            given = "" if issue["type"] == "missing" or isinstance(value, Mapping) else f" (got {value!r})"
-            problems.append(f"{where}: {issue['msg']}{given}")
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems)) from None
+        raise ConfigError("invalid config:\n  " + "\n  ".join(field_errors(error))) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:

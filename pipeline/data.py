@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import http.client
+import io
 import math
 import os
 import struct
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import DataConfig
+from pipeline.redaction import redact
 from vae.data import Binarization, ImageSet, binarize
 
 FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -33,6 +36,14 @@ NUM_CLASSES = 10
 
 GZIP_MAGIC = b"\x1f\x8b"
 CHUNK_SIZE = 1 << 20
+DOWNLOAD_DEADLINE_SECONDS = 600.0  # per file and attempt, on top of the per-read socket timeout
+# The decompressed size of each published file (the same for both data sets: 60,000 and 10,000 images of 28x28).
+IDX_SIZES = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
+}
 IDX_DTYPES = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
@@ -59,18 +70,24 @@ class IDXFormatError(DataError):
     """A file is not a well-formed IDX file, or does not hold the array its data set should."""
 
 
+class DownloadLimitError(DataError):
+    """A source sent more bytes than its file can take, or did not finish in time; reading it was stopped."""
+
+
 # What can go wrong while reading a source besides a ChecksumError; each sends fetch on to the next source.
 SOURCE_ERRORS = (OSError, EOFError, zlib.error, http.client.HTTPException)
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a data set is published, the SHA-256 of each of its decompressed files, and its class names."""
+    """Where a data set is published, the SHA-256 and size in bytes of each of its decompressed files, and its class
+    names."""
 
     name: str
     hosts: tuple[str, ...]
     sha256: dict[str, str]
     class_names: tuple[str, ...]
+    sizes: dict[str, int]
 
     @property
     def digest(self) -> str:
@@ -90,6 +107,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
         },
         class_names=tuple("0123456789"),
+        sizes=IDX_SIZES,
     ),
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
@@ -112,6 +130,7 @@ DATASETS: dict[str, DatasetSpec] = {
             "Bag",
             "Ankle boot",
         ),
+        sizes=IDX_SIZES,
     ),
 }
 
@@ -161,12 +180,18 @@ def fetch(
     timeout: float = 30.0,
     retries: int = 3,
     backoff: float = 0.5,
+    deadline: float = DOWNLOAD_DEADLINE_SECONDS,
 ) -> dict[str, Path]:
     """Paths to the files of ``dataset``, decompressed and verified in ``<cache_dir>/<dataset>/``, fetched if need be.
 
     A cached file is re-hashed and fetched again (with a warning) if it has changed. Sources are tried in order: each
     mirror (``mirrors``, or $VAE_DATA_MIRROR when None), then the public hosts. HTTP(S) sources get ``retries`` attempts
     against network trouble and server errors, waiting ``backoff`` seconds, then twice that, and so on, in between.
+    A mirror URL's user-info (``https://user:token@mirror/``) is sent as HTTP basic auth, and redacted in every message.
+
+    Reading a source stops, and the next source is tried, as soon as it decompresses past the file's published size
+    (a gzip bomb), sends more bytes than the file could take even stored uncompressed, or takes longer than
+    ``deadline`` seconds; ``timeout`` bounds each network read. Nothing partial is left in the cache.
     """
     if retries < 1:
         raise ValueError(f"retries must be at least 1, got {retries}")
@@ -184,7 +209,8 @@ def fetch(
             warnings.warn(f"cached {path} has sha256 {actual}, expected {expected}; fetching it again", stacklevel=2)
         sources = [f"{mirror.rstrip('/')}/{spec.name}/{name}{suffix}" for mirror in mirrors for suffix in (".gz", "")]
         sources += [f"{host.rstrip('/')}/{name}.gz" for host in spec.hosts]
-        _fetch_file(path, expected, sources, timeout=timeout, retries=retries, backoff=backoff)
+        limits = {"timeout": timeout, "retries": retries, "backoff": backoff, "deadline": deadline}
+        _fetch_file(path, expected, spec.sizes[name], sources, **limits)
     return paths
 
 
@@ -287,8 +313,19 @@ def _sha256_of(path: Path) -> str:
         return hashlib.file_digest(file, "sha256").hexdigest()
 
 
-def _fetch_file(path: Path, expected: str, sources: list[str], *, timeout: float, retries: int, backoff: float) -> None:
-    """Put the first source whose decompressed bytes have sha256 ``expected`` at ``path``, else raise DownloadError.
+def _fetch_file(
+    path: Path,
+    expected: str,
+    size: int,
+    sources: list[str],
+    *,
+    timeout: float,
+    retries: int,
+    backoff: float,
+    deadline: float,
+) -> None:
+    """Put the first source whose decompressed bytes (``size`` of them) have sha256 ``expected`` at ``path``, else raise
+    DownloadError.
 
     A source whose file has another hash is warned about when a later one serves the right file (the only sign of a
     tampered mirror then); when none does, the DownloadError says it, once.
@@ -298,16 +335,20 @@ def _fetch_file(path: Path, expected: str, sources: list[str], *, timeout: float
     for source in sources:
         attempts = retries if source.startswith(("http://", "https://")) else 1
         try:
-            _copy_with_retries(source, path, expected, timeout=timeout, attempts=attempts, backoff=backoff)
+            _copy_with_retries(
+                source, path, expected, size, timeout=timeout, attempts=attempts, backoff=backoff, deadline=deadline
+            )
             for mismatch in mismatches:
-                warnings.warn(str(mismatch), stacklevel=3)
+                warnings.warn(redact(str(mismatch)), stacklevel=3)
             return
         except ChecksumError as error:
             mismatches.append(error)
-            failures.append(f"  {source}: {error}")
+            failures.append(f"  {redact(source)}: {redact(str(error))}")
+        except DownloadLimitError as error:
+            failures.append(f"  {redact(source)}: {redact(str(error))}")
         except SOURCE_ERRORS as error:
             tries = f" ({attempts} attempts)" if attempts > 1 and _is_transient(error) else ""
-            failures.append(f"  {source}: {type(error).__name__}: {error}{tries}")
+            failures.append(redact(f"  {source}: {type(error).__name__}: {error}{tries}"))
     listing = "\n".join(failures)
     raise DownloadError(
         f"could not fetch {path.name} into {path.parent} from any of {len(sources)} sources:\n{listing}\n"
@@ -316,12 +357,12 @@ def _fetch_file(path: Path, expected: str, sources: list[str], *, timeout: float
 
 
 def _copy_with_retries(
-    source: str, path: Path, expected: str, *, timeout: float, attempts: int, backoff: float
+    source: str, path: Path, expected: str, size: int, *, timeout: float, attempts: int, backoff: float, deadline: float
 ) -> None:
     """:func:`_copy_verified`, tried up to ``attempts`` times with exponential backoff while failures look transient."""
     for attempt in range(attempts):
         try:
-            return _copy_verified(source, path, expected, timeout)
+            return _copy_verified(source, path, expected, size, timeout, deadline)
         except (OSError, EOFError, http.client.HTTPException) as error:
             if attempt + 1 == attempts or not _is_transient(error):
                 raise
@@ -338,30 +379,96 @@ def _is_transient(error: Exception) -> bool:
     return isinstance(error, (OSError, EOFError, http.client.HTTPException))
 
 
-def _copy_verified(source: str, path: Path, expected: str, timeout: float) -> None:
-    """Stream ``source`` (gzip or raw) to ``path`` through a temporary file, kept only if its sha256 is ``expected``."""
-    with _open_decompressed(source, timeout) as stream:
+def _copy_verified(source: str, path: Path, expected: str, size: int, timeout: float, deadline: float) -> None:
+    """Stream ``source`` (gzip or raw) to ``path`` through a temporary file, kept only if its sha256 is ``expected``.
+
+    At most ``size`` + 1 decompressed bytes are read: one more than the file has is enough to refuse the source.
+    """
+    described = f"{path.name} from {redact(source)}"
+    with _open(source, timeout) as raw:
+        limited = _LimitedSource(raw, max_bytes=_source_byte_limit(size), seconds=deadline, described=described)
+        stream = _gunzipped(io.BufferedReader(limited, buffer_size=64 << 10))
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         try:
             digest = hashlib.sha256()
+            written = 0
             with os.fdopen(descriptor, "wb") as file:
-                while chunk := stream.read(CHUNK_SIZE):
+                while chunk := stream.read(min(CHUNK_SIZE, size + 1 - written)):
+                    written += len(chunk)
+                    if written > size:
+                        raise DownloadLimitError(
+                            f"{described}: longer than the file's published {size:,} bytes once decompressed; "
+                            "stopped reading there (a gzip bomb, or not this file)"
+                        )
                     digest.update(chunk)
                     file.write(chunk)
             actual = digest.hexdigest()
             if actual != expected:
-                raise ChecksumError(f"{path.name} from {source}: decompressed sha256 is {actual}, expected {expected}")
+                raise ChecksumError(f"{described}: decompressed sha256 is {actual}, expected {expected}")
             os.chmod(temporary, 0o644)  # mkstemp makes it private; a data cache may be shared
             os.replace(temporary, path)
         finally:
             Path(temporary).unlink(missing_ok=True)
 
 
-@contextmanager
-def _open_decompressed(source: str, timeout: float) -> Iterator[BinaryIO]:
-    """The bytes at ``source`` (a local path or a URL), gunzipped on the fly when they start with the gzip magic."""
-    with urllib.request.urlopen(source, timeout=timeout) if "://" in source else open(source, "rb") as stream:
-        yield gzip.GzipFile(fileobj=stream) if stream.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC) else stream
+def _source_byte_limit(size: int) -> int:
+    """The most bytes a source of a ``size``-byte file may send: the file stored raw, or gzipped at worst (stored
+    blocks add 5 bytes per 64 KiB; the header may hold a name and a comment)."""
+    return size + size // 100 + (64 << 10)
+
+
+class _LimitedSource(io.RawIOBase):
+    """A source's bytes, each read at most one network read long, stopped past ``max_bytes`` or ``seconds`` after
+    it was opened: a server that trickles a byte every few seconds never trips the socket timeout on its own."""
+
+    def __init__(self, stream: BinaryIO, *, max_bytes: int, seconds: float, described: str):
+        self._read = getattr(stream, "read1", stream.read)
+        self.max_bytes, self.seconds, self.described = max_bytes, seconds, described
+        self.deadline = time.monotonic() + seconds
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if time.monotonic() > self.deadline:
+            raise DownloadLimitError(
+                f"{self.described}: not done within the deadline of {self.seconds:g} s ({self.count:,} bytes read); "
+                "stopped reading (a stalled or trickling source)"
+            )
+        data = self._read(min(len(buffer), self.max_bytes + 1 - self.count))
+        self.count += len(data)
+        if self.count > self.max_bytes:
+            raise DownloadLimitError(
+                f"{self.described}: sent more than {self.max_bytes:,} bytes, more than the file takes even stored "
+                "uncompressed; stopped reading there"
+            )
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _open(source: str, timeout: float) -> BinaryIO:
+    """The bytes at ``source``: a local path, or a URL read with ``timeout`` seconds per network operation."""
+    return urllib.request.urlopen(_request(source), timeout=timeout) if "://" in source else open(source, "rb")
+
+
+def _gunzipped(stream: io.BufferedReader) -> BinaryIO:
+    """``stream`` gunzipped on the fly when it starts with the gzip magic, else as it is."""
+    return gzip.GzipFile(fileobj=stream) if stream.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC) else stream
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET of ``url``, whose user-info, if any, goes as HTTP basic auth (urllib would take it for part of the host).
+
+    The header is not redirected: a redirect to another host must not receive the credentials.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url)
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    request.add_unredirected_header("Authorization", f"Basic {base64.b64encode(credentials.encode()).decode()}")
+    return request
 
 
 def _read_images_and_labels(images_path: Path, labels_path: Path) -> tuple[Tensor, Tensor]:

@@ -14,28 +14,43 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
+import pydantic
+import safetensors
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import BAD_REQUEST, RESOURCE_DOES_NOT_EXIST, TEMPORARILY_UNAVAILABLE, ErrorCode
+from mlflow.pyfunc import PyFuncModel
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from torch import Tensor
 
-from pipeline import tracking
+from pipeline import serving, tracking
 from pipeline.config import RunConfig, comparability_changes, comparable_on
+from pipeline.redaction import redact
+from vae import export
+from vae.config import ModelConfig
+from vae.export import ModelFileError
 from vae.models import VAE, ServingVAE
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME = "model"  # the logged model's name inside its run
+MODEL_FILES = "vae"  # the directory under the logged model's data/ holding its weights and config (vae.export)
+PYFUNC = "python_function"  # MLflow's name of the pyfunc flavor
+MAX_MLMODEL_BYTES = 64 << 10
 COMPARABLE_ON_TAG = "comparable_on"  # on each version: JSON of the fields its test numbers compare on
 MARGIN_TAG = "promotion_margin_nats"  # on each version: by how much it had to beat the champion
 HAND_PROMOTION_TAG = "champion.by_hand"  # on the registered model: JSON of the latest promotion by hand
@@ -79,34 +94,45 @@ def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float, bool]:
     raise KeyError(f"metrics hold neither test_nll_nats nor test_elbo_nats: {sorted(metrics)}")
 
 
-def log_model(model: VAE, example: Tensor) -> str:
-    """Log ``model`` to the active run with a signature and input example (a few [N, 1, 28, 28] images); its URI.
+def log_model(model: VAE, config: ModelConfig, example: Tensor) -> str:
+    """Log ``model`` (built from ``config``) to the active run with a signature and input example (a few [N, 1, 28, 28]
+    images); its URI.
 
-    The model is pickled (not exported to pt2) so that the loaded module keeps ``sample``, ``decode`` and
-    ``encode``; loading it needs this project's ``vae`` and ``pipeline`` packages importable.
+    The logged model holds the weights in safetensors and the config in JSON (see :mod:`vae.export`) under
+    ``data/vae/``, and a pyfunc flavor whose loader is :mod:`pipeline.serving`: loading it rebuilds the network with
+    this project's code and unpickles nothing, so whoever can write to the store cannot make loaders run code.
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_model needs an active MLflow run: call it inside mlflow.start_run()")
-    logged = ServingVAE.of(model)
+    device = next(model.parameters()).device
     images = example.detach().to("cpu", torch.float32)
-    signature = infer_signature(images.numpy(), logged(images).numpy())
-    info = mlflow.pytorch.log_model(
-        logged,
-        name=MODEL_NAME,
-        signature=signature,
-        input_example=images.numpy(),
-        serialization_format="pickle",
-        # Explicit requirements skip MLflow's inference, which loads the model again in a subprocess.
-        pip_requirements=mlflow.pytorch.get_default_pip_requirements(),
-    )
+    signature = infer_signature(images.numpy(), model.reconstruct(images.to(device)).cpu().numpy())
+    with tempfile.TemporaryDirectory() as scratch:
+        files = Path(scratch) / MODEL_FILES
+        export.save(model, config, files)
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            loader_module=serving.LOADER_MODULE,
+            data_path=str(files),
+            signature=signature,
+            input_example=images.numpy(),
+            # Explicit requirements skip MLflow's inference, which loads the model again in a subprocess.
+            pip_requirements=_requirements(),
+        )
     return info.model_uri
+
+
+def _requirements() -> list[str]:
+    """What loading a logged model needs besides this project's own packages (``vae``, ``pipeline``)."""
+    modules = {"mlflow": mlflow, "torch": torch, "safetensors": safetensors, "numpy": np, "pydantic": pydantic}
+    return [f"{name}=={module.__version__.split('+')[0]}" for name, module in modules.items()]
 
 
 def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str, str]:
     """The model URI and the id of the run that logged it, for what a person types to name a model.
 
-    ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``runs:/<run id>/model``, a registered model's name (its
-    champion), or a run id (its logged model).
+    ``models:/<name>@<alias>``, ``models:/<name>/<version>``, ``models:/<logged model id>``, ``runs:/<run id>/model``,
+    a registered model's name (its champion), or a run id (its logged model).
     """
     client = client or MlflowClient()
     try:
@@ -117,6 +143,8 @@ def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str,
                 found = client.get_model_version_by_alias(name, alias)
             elif version.isdigit():
                 found = client.get_model_version(name, version)
+            elif name.startswith("m-") and not version:  # a logged model's id, as log_model returns it
+                return reference, client.get_logged_model(name).source_run_id
             else:
                 raise RegistryError(f"{reference!r}: expected models:/<name>@<alias> or models:/<name>/<version>")
             return reference, found.run_id
@@ -129,15 +157,88 @@ def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str,
         client.get_run(reference)
         return f"runs:/{reference}/{MODEL_NAME}", reference
     except MlflowException as error:
-        raise RegistryError(f"no model {reference!r} in {mlflow.get_tracking_uri()}: {error.message}") from None
+        raise RegistryError(redact(f"no model {reference!r} in {mlflow.get_tracking_uri()}: {error.message}")) from None
 
 
 def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` on ``device``, with its config."""
+    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` on ``device``, with its config.
+
+    Only the logged model's own files are read (see :func:`load_model`); a tampered one is a
+    :class:`vae.export.ModelFileError`.
+    """
     uri, run_id = resolve(reference)
-    served = mlflow.pytorch.load_model(uri, map_location=device)
-    model = VAE(served.encoder, served.decoder, served.latent_dim, served.image_shape).eval()
-    return LoadedModel(model, tracking.run_config(run_id), run_id, uri)
+    return LoadedModel(_load_network(uri, device), tracking.run_config(run_id), run_id, uri)
+
+
+def load_model(reference: str, *, device: torch.device | str = "cpu") -> ServingVAE:
+    """The model that ``reference`` names, as a module with ``sample``, ``decode``, ``encode`` and ``reconstruct``,
+    whose ``forward`` returns reconstructions: ``load_model("models:/vae-mnist@champion").sample(16)``.
+
+    ``reference`` is anything :func:`resolve` takes. Three files of the logged model are read, none of them executed:
+    its ``MLmodel`` (refused unless its pyfunc flavor is exactly the one :func:`log_model` writes), the config (JSON,
+    validated) and the weights (safetensors, checked against the network the config describes).
+    """
+    uri, _ = resolve(reference)
+    model = _load_network(uri, device)
+    return ServingVAE(model.encoder, model.decoder, model.latent_dim, model.image_shape).eval()
+
+
+def load_pyfunc(reference: str) -> PyFuncModel:
+    """``mlflow.pyfunc.load_model`` of the model ``reference`` names, once its ``MLmodel`` has been checked.
+
+    MLflow imports whatever ``loader_module`` an ``MLmodel`` names (and puts its ``code`` directory first on the import
+    path), so on a store others can write, serve models through this, not ``mlflow.pyfunc.load_model`` directly.
+    """
+    uri, _ = resolve(reference)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = _download_checked(uri, Path(scratch), everything=True)
+        return mlflow.pyfunc.load_model(str(local))
+
+
+def check_mlmodel(path: Path, uri: str) -> None:
+    """Refuse (with a :class:`vae.export.ModelFileError`) an ``MLmodel`` that would make MLflow load anything but this
+    project's loader: other flavors, another ``loader_module``, a ``code`` directory, another data path or predict
+    function."""
+    try:
+        if path.stat().st_size > MAX_MLMODEL_BYTES:
+            raise ModelFileError(f"{uri}: its MLmodel is larger than {MAX_MLMODEL_BYTES:,} bytes")
+        meta = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ModelFileError(f"{uri}: unreadable MLmodel ({type(error).__name__}: {error})") from None
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    if not isinstance(flavors, dict) or not isinstance(flavors.get(PYFUNC), dict):
+        raise ModelFileError(f"{uri}: its MLmodel has no {PYFUNC} flavor: not a model this pipeline logged")
+    pyfunc = flavors[PYFUNC]
+    wanted = {"loader_module": serving.LOADER_MODULE, "data": f"data/{MODEL_FILES}", "code": None,
+              "predict_fn": "predict", "model_config": None, "streamable": False}
+    defaults = {"predict_fn": "predict", "streamable": False}
+    changed = [f"flavors are {sorted(flavors)}, not [{PYFUNC!r}]"] if set(flavors) != {PYFUNC} else []
+    for key, value in wanted.items():
+        if (found := pyfunc.get(key, defaults.get(key))) != value:
+            changed.append(f"{key} is {found!r}, not {value!r}")
+    if changed:
+        raise ModelFileError(
+            f"{uri}: its MLmodel was altered or is not this pipeline's ({'; '.join(changed)}): refusing to load it, "
+            "as MLflow would import and run what it names"
+        )
+
+
+def _load_network(uri: str, device: torch.device | str) -> VAE:
+    with tempfile.TemporaryDirectory() as scratch:
+        return export.load(_download_checked(uri, Path(scratch)) / "data" / MODEL_FILES, device=device)
+
+
+def _download_checked(uri: str, directory: Path, *, everything: bool = False) -> Path:
+    """Download the logged model's ``MLmodel``, check it (:func:`check_mlmodel`), then its config and weights (or, with
+    ``everything``, all its files); the local directory of the model."""
+    repository = get_artifact_repository(uri)
+    mlmodel = Path(repository.download_artifacts("MLmodel", str(directory)))
+    check_mlmodel(mlmodel, uri)
+    if everything:
+        return Path(repository.download_artifacts("", str(directory)))
+    for name in (export.CONFIG_FILE, export.WEIGHTS_FILE):
+        repository.download_artifacts(f"data/{MODEL_FILES}/{name}", str(directory))
+    return mlmodel.parent
 
 
 def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, float], run_id: str) -> str:

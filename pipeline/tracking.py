@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import nn
 from pipeline import pictures
 from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experiment_name, validate
 from pipeline.data import DATASETS, PreparedData
+from pipeline.redaction import redact
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
 
@@ -71,9 +73,12 @@ def ensure_store(tracking_uri: str | None = None) -> str:
 
     A SQLite store is created on first use, with its artifacts in ``artifacts/`` beside the database, under a file lock
     (``<db>.lock``): MLflow's first-time migrations corrupt a database that two processes create at once. Call it once
-    before any parallel work; calling it again is cheap.
+    before any parallel work; calling it again is cheap. When the URI holds credentials, MLflow's own "View run at
+    <tracking URI>/..." line, which would print them, is switched off (this process and those it starts).
     """
     uri = tracking_uri or default_tracking_uri()
+    if redact(uri) != uri:
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     database = _sqlite_path(uri)
     if database is not None and uri not in _ready:
         database.parent.mkdir(parents=True, exist_ok=True)
@@ -279,14 +284,15 @@ def download_checkpoint(run_id: str, directory: Path) -> Path:
 
 
 def record_error(run_id: str, error: BaseException) -> None:
-    """The error in the run's "error" tag (its class and the start of its message) and its traceback in ``error.txt``;
-    if the store cannot take them, a note on the error says so (the error is what matters)."""
+    """The error in the run's "error" tag (its class and the start of its message) and its traceback in ``error.txt``,
+    both :func:`redact`-ed (a source URL or the tracking URI in a message may hold a password); if the store cannot
+    take them, a note on the error says so (the error is what matters)."""
     try:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:ERROR_TAG_CHARS])
-        client.log_text(run_id, "".join(traceback.format_exception(error)), "error.txt")
+        client.set_tag(run_id, "error", redact(f"{type(error).__name__}: {error}")[:ERROR_TAG_CHARS])
+        client.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
     except Exception as failure:  # the store may be what failed; the run still has to end and the error to propagate
-        error.add_note(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})")
+        error.add_note(redact(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})"))
 
 
 def failed_status(error: BaseException) -> RunStatus:
@@ -446,7 +452,11 @@ def ui_url(experiment_id: str, run_id: str | None = None, *, tracking_uri: str |
     ``ui`` (default: :data:`LOCAL_UI`, where `flows.py ui` serves a local store).
     """
     uri = tracking_uri or default_tracking_uri()
-    base = uri if uri.startswith(("http://", "https://")) else (ui or LOCAL_UI)
+    if uri.startswith(("http://", "https://")):  # the server's address without credentials: the browser asks for them
+        parts = urllib.parse.urlsplit(uri)
+        base = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+    else:
+        base = ui or LOCAL_UI
     page = f"experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
     return f"{base.rstrip('/')}/#/{page}?{ML_VIEW}"
 

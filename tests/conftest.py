@@ -1,21 +1,25 @@
 """Shared test harness: Prefect and MLflow in temporary homes, never the user's or the project's own."""
 
+import ipaddress
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import psutil
 import pytest
+
+from vae.launch import listening
 
 # How long a server may take to start: MLflow's UI took 212 s on two cores under a load average of 38.
 SERVER_START_SECONDS = 600.0
@@ -238,16 +242,16 @@ def serving(
 def running(
     command: Sequence[str],
     *,
-    ready_url: str,
+    ready_url: str | None,
     log: Path,
     env: Mapping[str, str] | None = None,
     timeout: float = SERVER_START_SECONDS,
 ) -> Iterator[subprocess.Popen]:
     """``command`` running in a session of its own (from the project root, output to ``log``) until the block ends.
 
-    Waits until ``ready_url`` answers an HTTP GET with a 2xx status; fails the test with the end of the log if the
-    process exits first or ``timeout`` seconds pass. At the end the whole process group gets SIGTERM, then SIGKILL.
-    For a server that listens on a port of its own, use :func:`serving`.
+    Waits until ``ready_url`` (unless None) answers an HTTP GET with a 2xx status; fails the test with the end of the
+    log if the process exits first or ``timeout`` seconds pass. At the end the whole process group gets SIGTERM, then
+    SIGKILL. For a server that listens on a port of its own, use :func:`serving`.
     """
     process = _start(command, ready_url=ready_url, log=log, env=env, timeout=timeout)
     try:
@@ -257,7 +261,8 @@ def running(
 
 
 def _start(
-    command: Sequence[str], *, ready_url: str, log: Path, env: Mapping[str, str] | None, timeout: float, port: int | None = None
+    command: Sequence[str], *, ready_url: str | None, log: Path, env: Mapping[str, str] | None, timeout: float,
+    port: int | None = None,
 ) -> subprocess.Popen:
     """``command`` started as :func:`running` starts it, once it is ready (and, given ``port``, listens on it itself:
     another process's server on that port may answer first). Raises PortTaken if it exits because ``port`` was taken."""
@@ -268,7 +273,7 @@ def _start(
         )
     try:
         deadline = time.monotonic() + timeout
-        while not (_answers(ready_url) and (port is None or _listens_on(process, port))):
+        while ready_url is not None and not (_answers(ready_url) and (port is None or _listens_on(process, port))):
             if process.poll() is not None:
                 if port is not None and any(words in log.read_text().lower() for words in PORT_TAKEN):
                     raise PortTaken(port)
@@ -319,3 +324,77 @@ def _stop_group(process: subprocess.Popen) -> None:
             except subprocess.TimeoutExpired:
                 pass
     process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` on a free loopback port, its backend and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
+
+    Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
+    that nothing goes to it.
+    """
+    command = lambda port: [  # noqa: E731
+        str(Path(sys.executable).parent / "mlflow"), "server",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    (tmp_path / "server").mkdir()
+    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        yield server.url, tmp_path / "server" / "artifacts"
+
+
+# --- what listens where ---------------------------------------------------------------------------------------------
+
+
+def listening_sockets(pids: Iterable[int]) -> set[tuple[str, int]]:
+    """The (address, port) on which the processes ``pids`` listen for TCP connections: "0.0.0.0" or "::" is every
+    interface. A process that has exited has none."""
+    inodes = set()
+    for pid in pids:
+        try:
+            descriptors = os.listdir(f"/proc/{pid}/fd")
+        except OSError:  # gone
+            continue
+        for descriptor in descriptors:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{descriptor}")
+            except OSError:  # closed while we looked (the listing's own descriptor, for one)
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[len("socket:[") : -1])
+    return {(address, port) for address, port, inode in listening() if inode in inodes}
+
+
+def is_loopback(address: str) -> bool:
+    """127.0.0.0/8, ::1, or an IPv4-mapped loopback address (::ffff:127.0.0.1)."""
+    ip = ipaddress.ip_address(address)
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process it started, and they started, that is still running."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        found.append(current := queue.pop())
+        queue.extend(children.get(current, []))
+    return found
+
+
+class Payload:
+    """A pickle that creates ``marker`` when unpickled: what a tamperer puts in a model file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")

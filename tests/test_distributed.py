@@ -1,9 +1,15 @@
-"""Specification of multi-process training: torchrun's processes train together, rank 0 alone tracks and registers."""
+"""Specification of multi-process training: the processes of `train --processes N` (or torchrun's) train together,
+rank 0 alone tracks and registers, and the group listens on loopback only."""
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,7 +18,7 @@ from mlflow import MlflowClient
 
 from pipeline import data, training
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, float32_error_bound, needs_data, one_thread
+from tests.conftest import PROJECT_ROOT, descendants, float32_error_bound, is_loopback, listening_sockets, needs_data, one_thread
 from vae.checkpoint import load_checkpoint
 
 pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
@@ -21,7 +27,7 @@ pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
 # Monte Carlo KL). 512 images in batches of 128: 4 steps, each split into two shards of 64.
 TINY = {
     "data.train_subset": 512, "data.validation_size": 256, "data.binarization": "threshold",
-    "train.epochs": 1, "train.device": "cpu", "eval.iwae_samples": 2, "eval.fid": False,
+    "train.epochs": 1, "train.device": "cpu", "eval.iwae_samples": 2,
 }
 
 
@@ -35,25 +41,64 @@ def prefect_home(tmp_path_factory) -> Path:
 ROUNDING_MAGNIFIED_WEIGHTS = 652
 
 
-def torchrun(processes: int, overrides: dict, prefect_home: Path, *options: str) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node N --standalone flows.py train --set ... OPTIONS`` as a user runs it."""
+@dataclass
+class Finished:
+    """A finished multi-process training command: its exit code and output, and every (address, port) that any of its
+    processes was seen listening on while it ran."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    listening: set[tuple[str, int]]
+
+
+def train_in_processes(
+    launcher: str, processes: int, overrides: dict, prefect_home: Path, *options: str, timeout: float = 1000
+) -> Finished:
+    """``torchrun --nproc-per-node N --standalone flows.py train ...`` or ``flows.py train --processes N ...`` as a
+    user runs it, the sockets of its processes looked at twice a second."""
     settings = [arg for key, value in overrides.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
-    command = [
-        str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes), "--standalone",
-        "flows.py", "train", "--preset", "default", *settings, *options,
-    ]
+    train = ["flows.py", "train", "--preset", "default", *settings, *options]
+    if launcher == "torchrun":
+        command = [str(Path(sys.executable).with_name("torchrun")), "--nproc-per-node", str(processes), "--standalone", *train]
+    else:
+        command = [sys.executable, *train, "--processes", str(processes)]
     env = os.environ | {"PREFECT_HOME": str(prefect_home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env["OMP_NUM_THREADS"] = "1"  # two processes on a shared machine: one thread each
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=1000)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(
+            command, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True
+        )
+        seen: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + timeout
+        while process.poll() is None and time.monotonic() < deadline:
+            seen |= listening_sockets(descendants(process.pid))
+            time.sleep(0.5)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the launcher and every process it started
+        process.wait()
+        out.seek(0)
+        err.seek(0)
+        return Finished(process.returncode, out.read(), err.read(), seen)
 
 
 def all_runs(client: MlflowClient) -> list:
     return client.search_runs([experiment.experiment_id for experiment in client.search_experiments()])
 
 
-def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(prefect_home, tmp_path):
-    finished = torchrun(2, TINY, prefect_home)
+@pytest.mark.parametrize("launcher", ["processes", "torchrun"])
+def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(launcher, prefect_home, tmp_path):
+    finished = train_in_processes(launcher, 2, TINY, prefect_home)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+    # What listened while it ran (the group's store, Gloo's sockets, the private Prefect server) was seen.
+    assert len(finished.listening) >= 3, finished.listening
+    if launcher == "processes":  # loopback only, nothing to warn about
+        assert [address for address, _ in finished.listening if not is_loopback(address)] == []
+        assert "every network interface" not in finished.stderr
+    else:  # torchrun's store listens on every interface whatever its options: said once, by rank 0
+        exposed = {port for address, port in finished.listening if address in ("::", "0.0.0.0")}
+        warned = re.findall(r"store listens on port (\d+) of every network interface", finished.stderr)
+        assert len(warned) == 1 and int(warned[0]) in exposed, (warned, exposed)
     assert "default on mnist: 1 epochs" in finished.stdout  # rank 0's summary, printed once
 
     client = MlflowClient()
@@ -65,7 +110,7 @@ def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(
 
     config = load_config("default", TINY)
     prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
-    with one_thread():  # as each torchrun process
+    with one_thread():  # as each process of the group
         alone, state = training.train(config, prepared, progress=False)
     checkpoint = load_checkpoint(client.download_artifacts(run.info.run_id, "checkpoint/checkpoint.pt", str(tmp_path)))
     # The processes add the same float32 numbers in another order (tests/vae/test_engine.py shows each step's gradient
@@ -80,9 +125,8 @@ def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(
     logged = {name: run.data.metrics[name] for name in state.history[0]}
     assert logged == pytest.approx(state.history[0], rel=2 * float32_error_bound(TINY["data.train_subset"]), abs=0)
 
-
 def test_a_nan_loss_ends_the_one_mlflow_run_failed_with_the_error_and_registers_nothing(prefect_home):
-    finished = torchrun(2, TINY | {"train.optimizer": "rmsprop", "train.learning_rate": 1e12}, prefect_home)
+    finished = train_in_processes("processes", 2, TINY | {"train.optimizer": "rmsprop", "train.learning_rate": 1e12}, prefect_home)
     assert finished.returncode == 1, finished.stdout[-3000:] + finished.stderr[-3000:]  # rank 0's exit code
     (run,) = all_runs(MlflowClient())
     assert run.info.status == "FAILED"
@@ -91,7 +135,10 @@ def test_a_nan_loss_ends_the_one_mlflow_run_failed_with_the_error_and_registers_
 
 
 def test_resuming_with_several_processes_is_refused_before_any_work(prefect_home):
-    finished = torchrun(2, TINY, prefect_home, "--resume", "0123456789abcdef")
+    finished = train_in_processes("torchrun", 2, TINY, prefect_home, "--resume", "0123456789abcdef")
     assert finished.returncode == 1  # torchrun's, when its processes fail
     assert finished.stderr.count("error: --resume continues a run in one process: launch it without torchrun") == 2
+    finished = train_in_processes("processes", 2, TINY, prefect_home, "--resume", "0123456789abcdef")
+    assert finished.returncode == 2
+    assert finished.stderr == "error: --resume continues a run in one process: leave out --processes\n"
     assert all_runs(MlflowClient()) == []

@@ -5,14 +5,13 @@ import gzip
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import cli, data, tracking
+from pipeline import cli, data, registry, tracking
 from pipeline.config import PRESETS, load_config
 from tests.conftest import LONG_TEST_SECONDS, TINY_CLASSIFIER, needs_data
 
@@ -76,7 +75,7 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
     version = client.get_model_version("vae-mnist", "1")
     assert version.tags["run_id"] == outcome.run_id
     assert float(version.tags["test_nll_nats"]) == pytest.approx(outcome.metrics["test_nll_nats"])
-    model = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    model = registry.load_model("models:/vae-mnist@champion")
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
     assert model.decode(torch.zeros(2, 2)).shape == (2, 1, 28, 28)
 
@@ -150,7 +149,7 @@ def test_a_corrupt_data_file_leaves_a_failed_run_with_the_error_and_no_registere
     for name in data.FILE_NAMES:
         (mirror / f"{name}.gz").write_bytes(gzip.compress(b"\x00\x00\x08\x01" + bytes(4)))
     spec = data.DATASETS["mnist"]
-    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec(spec.name, ("http://127.0.0.1:9/",), spec.sha256, spec.class_names))
+    monkeypatch.setitem(data.DATASETS, "mnist", data.DatasetSpec(spec.name, ("http://127.0.0.1:9/",), spec.sha256, spec.class_names, spec.sizes))
     monkeypatch.setenv("VAE_DATA_MIRROR", str(tmp_path / "mirror"))
     config = small(**{"data.cache_dir": str(tmp_path / "cache")})
     state = flows.train_flow(config, return_state=True)

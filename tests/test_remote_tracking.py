@@ -3,20 +3,17 @@
 import hashlib
 import json
 import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import cli, data, tracking
+from pipeline import cli, data, registry, tracking
 from pipeline.config import load_config
-from tests.conftest import TINY_CLASSIFIER, needs_data, serving
+from tests.conftest import TINY_CLASSIFIER, needs_data
 
 pytestmark = [needs_data, pytest.mark.usefixtures("prefect_server")]
 
@@ -29,25 +26,6 @@ SMALL = {
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on a free loopback port, its backend and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
-
-    Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
-    that nothing goes to it.
-    """
-    command = lambda port: [  # noqa: E731
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    (tmp_path / "server").mkdir()
-    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        yield server.url, tmp_path / "server" / "artifacts"
 
 
 def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_through_it(mlflow_server, tmp_path):
@@ -98,7 +76,7 @@ def test_the_training_flow_tracks_to_an_mlflow_server_and_everything_reads_back_
     version = client.get_model_version_by_alias("vae-mnist", "champion")
     assert (version.version, version.run_id, version.tags["run_id"]) == ("1", outcome.run_id, outcome.run_id)
     assert float(version.tags["test_nll_nats"]) == pytest.approx(outcome.metrics["test_nll_nats"])
-    model = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    model = registry.load_model("models:/vae-mnist@champion")
     assert model.sample(3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
 
     # Nothing went to the local default store.

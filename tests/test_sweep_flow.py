@@ -1,16 +1,29 @@
 """Specification of the sweep flow on a local Dask cluster, read back through MLflow's and Prefect's clients."""
 
 import asyncio
+import datetime
+import ipaddress
 import json
+import os
+import shlex
+import subprocess
+import sys
+import urllib.parse
+from pathlib import Path
 
 import pandas as pd
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from distributed import Client
 from mlflow import MlflowClient
 
 import flows
 from pipeline import cli, tracking
 from pipeline.config import load_config
-from tests.conftest import TINY_CLASSIFIER, needs_data
+from tests.conftest import PROJECT_ROOT, TINY_CLASSIFIER, descendants, free_port, is_loopback, listening_sockets, needs_data, running
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
@@ -143,3 +156,126 @@ def test_a_bad_flow_parameter_fails_the_sweep_before_any_run():
     assert state.is_failed()
     assert "model.latent_dim: Input should be greater than 0 (got 0)" in state.message
     assert MlflowClient().search_runs([tracking.experiment("mnist")]) == []
+
+
+# --- Dask listens on loopback, or speaks TLS ------------------------------------------------------------------------
+
+DASK = str(Path(sys.executable).with_name("dask"))
+
+
+def test_the_local_dask_cluster_of_a_sweep_listens_on_loopback_only():
+    before = listening_sockets([os.getpid()])
+    with flows.dask_task_runner() as runner:
+        client = runner.client
+        processes = {os.getpid(), *client.run(os.getpid).values()}  # the scheduler and nannies here, the workers
+        sockets = listening_sockets(processes) - before
+        scheduler, dashboard = urllib.parse.urlsplit(client.scheduler.address), urllib.parse.urlsplit(client.dashboard_link)
+
+    assert {scheduler.port, dashboard.port} <= {port for _, port in sockets}
+    assert len(sockets) >= 2 + flows.LOCAL_WORKERS, sockets
+    assert [address for address, _ in sockets if not is_loopback(address)] == []
+
+
+def readme_command(program: str, port: int, dashboard: int) -> list[str]:
+    """The README's first ``.venv/bin/dask <program>`` command (the one-machine cluster), on the given ports, with
+    one worker process."""
+    readme = (PROJECT_ROOT / "README.md").read_text().splitlines()
+    line = next(line for line in readme if line.startswith(f".venv/bin/dask {program}"))
+    words = [DASK if word == ".venv/bin/dask" else word for word in shlex.split(line, comments=True)]
+    words = [word.replace("127.0.0.1:8786", f"127.0.0.1:{port}").replace("127.0.0.1:8787", f"127.0.0.1:{dashboard}") for word in words]
+    if "--nworkers" in words:
+        words[words.index("--nworkers") + 1] = "1"
+    return words + (["--port", str(port)] if program == "scheduler" else [])
+
+
+def test_the_readme_dask_cluster_for_one_machine_listens_on_loopback_only(tmp_path):
+    port, dashboard = free_port(), free_port()
+    scheduler_command, worker_command = readme_command("scheduler", port, dashboard), readme_command("worker", port, dashboard)
+
+    with running(scheduler_command, ready_url=f"http://127.0.0.1:{dashboard}/health", log=tmp_path / "scheduler.log") as scheduler:
+        with running(worker_command, ready_url=None, log=tmp_path / "worker.log") as worker:
+            with Client(f"tcp://127.0.0.1:{port}", timeout=60) as client:
+                client.wait_for_workers(1, timeout=120)
+                assert client.submit(sum, [1, 2]).result() == 3
+                sockets = listening_sockets(descendants(scheduler.pid) + descendants(worker.pid))
+
+    assert {port, dashboard} <= {found for _, found in sockets}
+    assert len(sockets) >= 5, sockets  # the scheduler, the nanny and the worker, and their dashboards
+    assert [address for address, _ in sockets if not is_loopback(address)] == []
+
+
+def certificates(directory: Path) -> dict[str, Path]:
+    """A certificate authority of its own (ca.pem) and a certificate and key for 127.0.0.1 it signed (node.pem,
+    node-key.pem), valid for a day."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def signed(subject: str, key, issuer: str, issuer_key, *, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    ca_key, node_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    paths = {name: directory / name for name in ("ca.pem", "node.pem", "node-key.pem")}
+    paths["ca.pem"].write_bytes(signed("test CA", ca_key, "test CA", ca_key, ca=True).public_bytes(serialization.Encoding.PEM))
+    paths["node.pem"].write_bytes(signed("127.0.0.1", node_key, "test CA", ca_key, ca=False).public_bytes(serialization.Encoding.PEM))
+    paths["node-key.pem"].write_bytes(
+        node_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+def test_a_tls_dask_cluster_as_the_readme_starts_it_runs_work_only_for_clients_with_a_certificate_of_its_ca(tmp_path):
+    certs = certificates(tmp_path)
+    tls = ["--tls-ca-file", str(certs["ca.pem"]), "--tls-cert", str(certs["node.pem"]), "--tls-key", str(certs["node-key.pem"])]
+    port, dashboard = free_port(), free_port()
+    scheduler_command = [DASK, "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port", str(port),
+                         "--dashboard-address", f"127.0.0.1:{dashboard}", *tls]
+    worker_command = [DASK, "worker", f"tls://127.0.0.1:{port}", "--host", "127.0.0.1", "--dashboard-address", "127.0.0.1:0",
+                      "--nworkers", "1", "--nthreads", "1", *tls]
+    client_env = {  # the README's, for the sweep's client
+        "DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION": "true", "DASK_DISTRIBUTED__COMM__TLS__CA_FILE": str(certs["ca.pem"]),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__CERT": str(certs["node.pem"]),
+        "DASK_DISTRIBUTED__COMM__TLS__CLIENT__KEY": str(certs["node-key.pem"]),
+    }
+    through_the_sweeps_runner = (
+        "import sys, flows\n"
+        "with flows.dask_task_runner(sys.argv[1]) as runner:\n"
+        "    runner.client.wait_for_workers(1, timeout=120)\n"
+        "    print(runner.client.submit(sum, [1, 2]).result())\n"
+    )
+
+    with running(scheduler_command, ready_url=f"http://127.0.0.1:{dashboard}/health", log=tmp_path / "scheduler.log"):
+        with running(worker_command, ready_url=None, log=tmp_path / "worker.log"):
+            certified = subprocess.run(
+                [sys.executable, "-c", through_the_sweeps_runner, f"tls://127.0.0.1:{port}"], cwd=PROJECT_ROOT,
+                env={**os.environ, **client_env}, capture_output=True, text=True, timeout=300,
+            )
+            with pytest.raises(OSError):  # the scheduler hangs up on a client that does not speak TLS
+                Client(f"tcp://127.0.0.1:{port}", timeout=10)
+
+    assert (certified.returncode, certified.stdout.splitlines()[-1:]) == (0, ["3"]), certified.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("address", "warned"),
+    [
+        ("tcp://10.1.2.3:8786", True), ("scheduler.example.org:8786", True), ("tcp://192.0.2.7:8786", True),
+        ("tls://10.1.2.3:8786", False), ("tcp://127.0.0.1:8786", False), ("localhost:8786", False),
+        ("tcp://[::1]:8786", False),
+    ],
+)
+def test_a_plain_tcp_dask_address_beyond_this_machine_gets_a_warning(address, warned):
+    warning = cli.dask_address_warning(address)
+
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith(f"the Dask scheduler at {address} is reached without TLS: Dask runs the pickled")

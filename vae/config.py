@@ -2,38 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Upper bounds, far above any sensible run, so that a typo or a tampered config.json (which --resume and evaluate
+# read back from the tracking store) is refused by name instead of exhausting memory or running for years.
+MAX_LATENT_DIM = 1024
+MAX_WIDTH = 4096  # units of a dense layer
+MAX_HIDDEN_LAYERS = 8
+MAX_CHANNELS = 1024
+MAX_IMAGE_SIDE = 64  # pixels; the data sets here are 28x28
+MAX_IMAGE_CHANNELS = 4
+MAX_EPOCHS = 10_000
+MAX_BATCH_SIZE = 65_536
+MAX_IWAE_SAMPLES = 100_000
+MAX_FID_SAMPLES = 1_000_000
+MAX_BETA = 1_000.0
+MAX_GAUSSIAN_STD = 1_000.0
+
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
+Channels = Annotated[int, Field(gt=0, le=MAX_CHANNELS)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # seed + 2 must still be a valid torch seed
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: JSON's Infinity and NaN parse as floats, and would pass every ``gt``/``le`` bound check.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Settings):
     """The network: an MLP or a convolutional VAE for 1x28x28 images."""
 
     architecture: Literal["mlp", "conv"] = "mlp"
-    latent_dim: int = Field(20, gt=0)
-    image_shape: tuple[int, int, int] = (1, 28, 28)
+    latent_dim: int = Field(20, gt=0, le=MAX_LATENT_DIM)
+    image_shape: tuple[
+        Annotated[int, Field(gt=0, le=MAX_IMAGE_CHANNELS)],
+        Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)],
+        Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)],
+    ] = (1, 28, 28)
     # MLP: encoder hidden widths; the decoder mirrors them.
-    hidden_dims: tuple[int, ...] = (400,)
+    hidden_dims: tuple[Width, ...] = Field((400,), max_length=MAX_HIDDEN_LAYERS)
     # Conv encoder: stride-2 3x3 convolutions, then an optional dense layer, then the Gaussian heads.
-    conv_channels: tuple[int, ...] = (32, 64)
+    conv_channels: tuple[Channels, ...] = Field((32, 64), max_length=MAX_HIDDEN_LAYERS)
     conv_padding: Literal["same", "valid"] = "same"
-    conv_dense_dim: int | None = None
+    conv_dense_dim: Width | None = None
     # Conv decoder: a projection of z to a 7x7 map, stride-2 transposed convolutions, a final 3x3 one.
     decoder_projection: Literal["dense", "transposed_conv"] = "dense"
-    decoder_start_channels: int = Field(64, gt=0)
-    decoder_channels: tuple[int, ...] = (64, 32)
+    decoder_start_channels: Channels = 64
+    decoder_channels: tuple[Channels, ...] = Field((64, 32), max_length=MAX_HIDDEN_LAYERS)
     init: Literal["pytorch", "glorot_uniform", "kaiming_normal"] = "pytorch"
 
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelConfig:
-        for name in ("hidden_dims", "conv_channels", "decoder_channels"):
-            if any(width <= 0 for width in getattr(self, name)):
-                raise ValueError(f"{name} must hold positive widths, got {getattr(self, name)}")
         if self.architecture == "mlp" and not self.hidden_dims:
             raise ValueError("hidden_dims must name at least one layer for the mlp architecture")
         if self.architecture == "conv":
@@ -41,8 +63,6 @@ class ModelConfig(_Settings):
                 raise ValueError(f"image_shape must be (C, 28, 28) for the conv architecture, got {self.image_shape}")
             if len(self.conv_channels) != 2 or len(self.decoder_channels) != 2:
                 raise ValueError("conv_channels and decoder_channels must each hold two widths (28 -> 14 -> 7)")
-        if self.conv_dense_dim is not None and self.conv_dense_dim <= 0:
-            raise ValueError(f"conv_dense_dim must be positive or None, got {self.conv_dense_dim}")
         return self
 
 
@@ -50,23 +70,23 @@ class ObjectiveConfig(_Settings):
     """The negative ELBO: a likelihood, a KL estimator, a beta weight and an optional linear warm-up of it."""
 
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    gaussian_std: float = Field(1.0, gt=0)
+    gaussian_std: float = Field(1.0, gt=0, le=MAX_GAUSSIAN_STD)
     kl: Literal["analytic", "monte_carlo"] = "analytic"
-    beta: float = Field(1.0, ge=0)
-    kl_warmup_epochs: float = Field(0.0, ge=0)
+    beta: float = Field(1.0, ge=0, le=MAX_BETA)
+    kl_warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
 
 
 class TrainConfig(_Settings):
     """The optimizer and the loop: how long, how fast, where, and when to stop."""
 
     optimizer: Literal["adam", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
-    batch_size: int = Field(128, gt=0)
-    epochs: int = Field(10, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)  # no upper bound: a diverging rate is a legitimate (failing) experiment
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH_SIZE)
+    epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
     grad_clip_norm: float | None = Field(None, gt=0)
-    early_stopping_patience: int | None = Field(None, gt=0)
-    seed: int = 0
-    device: str = "auto"
+    early_stopping_patience: int | None = Field(None, gt=0, le=MAX_EPOCHS)
+    seed: Seed = 0
+    device: str = Field("auto", max_length=32)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
 
@@ -81,13 +101,15 @@ class TrainConfig(_Settings):
 class EvalConfig(_Settings):
     """Test-set evaluation: the ELBO, the importance-weighted (IWAE) log-likelihood bound and sample quality (FID)."""
 
-    batch_size: int = Field(500, gt=0)
-    iwae_samples: int = Field(1000, ge=0)  # 0 skips the IWAE estimate
-    iwae_chunk_size: int = Field(32, gt=0)  # small chunks stay in cache: ~2x faster on a CPU than 250
-    iwae_batch_size: int = Field(100, gt=0)
-    seed: int = 0
+    batch_size: int = Field(500, gt=0, le=MAX_BATCH_SIZE)
+    iwae_samples: int = Field(1000, ge=0, le=MAX_IWAE_SAMPLES)  # 0 skips the IWAE estimate
+    # Small chunks stay in cache: ~2x faster on a CPU than 250.
+    iwae_chunk_size: int = Field(32, gt=0, le=MAX_IWAE_SAMPLES)
+    iwae_batch_size: int = Field(100, gt=0, le=MAX_BATCH_SIZE)
+    seed: Seed = 0
     fid: bool = True  # the Frechet distance of prior samples and reconstructions, on the data set's classifier
-    fid_samples: int = Field(10_000, ge=2)  # prior samples scored against the test images (the covariance needs 2)
+    # Prior samples scored against the test images (the covariance needs 2).
+    fid_samples: int = Field(10_000, ge=2, le=MAX_FID_SAMPLES)
 
 
 class ClassifierConfig(_Settings):
@@ -97,11 +119,22 @@ class ClassifierConfig(_Settings):
     what was measured).
     """
 
-    conv_channels: tuple[PositiveInt, PositiveInt] = (32, 64)
-    feature_dim: int = Field(128, gt=0)  # the penultimate layer: the space the Frechet distance is measured in
+    conv_channels: tuple[Channels, Channels] = (32, 64)
+    feature_dim: Width = 128  # the penultimate layer: the space the Frechet distance is measured in
     dropout: float = Field(0.25, ge=0, lt=1)  # on the features, in training only
-    epochs: int = Field(3, gt=0)
-    batch_size: int = Field(128, gt=0)
+    epochs: int = Field(3, gt=0, le=MAX_EPOCHS)
+    batch_size: int = Field(128, gt=0, le=MAX_BATCH_SIZE)
     learning_rate: float = Field(2e-3, gt=0)
     train_subset: int | None = Field(None, gt=0)  # train on the first N training images only (quick runs, tests)
-    seed: int = 0
+    seed: Seed = 0
+
+
+def field_errors(error: ValidationError) -> list[str]:
+    """One line per bad field of a failed validation: "train.epochs: Input should be greater than 0 (got 0)"."""
+    problems = []
+    for issue in error.errors():
+        where = ".".join(str(part) for part in issue["loc"]) or "config"
+        value = issue.get("input")
+        given = "" if issue["type"] == "missing" or isinstance(value, Mapping) else f" (got {value!r})"
+        problems.append(f"{where}: {issue['msg']}{given}")
+    return problems

@@ -1,15 +1,19 @@
-"""Where training runs: the device, the torchrun process group, and the collectives that make many processes act as one."""
+"""Where training runs: the device, the process group (vae.launch's or torchrun's), and the collectives that make many
+processes act as one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from vae import launch
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -30,21 +34,30 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def process_group() -> Iterator[tuple[int, int]]:
-    """Join the processes torchrun started and yield (rank, world size); without torchrun yield (0, 1), no group.
+    """Join the processes :func:`vae.launch.launch` or torchrun started and yield (rank, world size); in a process on
+    its own yield (0, 1), no group.
 
-    torchrun describes the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With CUDA the backend
-    is NCCL and process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
+    Both describe the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under vae.launch, rank 0
+    serves the group's store on the loopback socket it was handed and the others connect to it there. Under torchrun
+    the store is torchrun's, and rank 0 warns when it listens on every interface. With CUDA the backend is NCCL and
+    process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         yield 0, 1
         return
+    rank = int(os.environ["RANK"])
+    group: dict[str, Any] = {}  # torchrun's rendezvous (env://), unless vae.launch started the group
+    if (store := launch.loopback_store(rank, world_size)) is not None:
+        group = {"store": store, "rank": rank, "world_size": world_size}
+    elif rank == 0 and (warning := launch.exposed_store_warning()):
+        warnings.warn(warning, stacklevel=3)
     if torch.cuda.is_available():
         local_rank = int(os.environ["LOCAL_RANK"])
         torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), **group)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **group)
     try:
         yield dist.get_rank(), world_size
     finally:
@@ -75,10 +88,17 @@ def sum_over_processes(values: Tensor) -> Tensor:
     return values
 
 
-def from_rank_0(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every process (as it is in a single process)."""
+def from_rank_0(values: Mapping[str, float] | None, names: Sequence[str], device: torch.device) -> dict[str, float]:
+    """Rank 0's ``values`` (numbers under ``names``; the other processes pass None) on every process, as they are in
+    a single process.
+
+    They travel as one float64 tensor: exact for Python floats, and unlike an object broadcast nothing is unpickled
+    from what the other end of the process group's sockets sent.
+    """
     if rank_and_world_size()[1] == 1:
-        return value
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
+        return dict(values)
+    shared = torch.zeros(len(names), dtype=torch.float64, device=device)
+    if values is not None:  # rank 0
+        shared.copy_(torch.tensor([values[name] for name in names], dtype=torch.float64))
+    dist.broadcast(shared, src=0)
+    return dict(zip(names, shared.tolist()))

@@ -24,6 +24,7 @@ from vae.objectives import elbo_terms, kl_weight, training_loss
 
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
 VALIDATION_BATCH_SIZE = 1000
+VALIDATION_METRICS = ("elbo_nats", "reconstruction_nats", "kl_nats")  # evaluate_elbo's, which rank 0 shares
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,7 +139,8 @@ def fit(
             val = None
             if rank == 0:
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            metrics.update({f"val_{name}": value for name, value in from_rank_0(val).items()})
+            shared = from_rank_0(val, VALIDATION_METRICS, device)
+            metrics.update({f"val_{name}": value for name, value in shared.items()})
         state.epoch = epoch
         state.history.append(metrics)
         if validation is not None:

@@ -1,8 +1,10 @@
 """Specification of the run config: presets, overrides, and bad values rejected by name before any work."""
 
 import json
+import typing
 
 import pytest
+from pydantic import BaseModel
 
 from pipeline.config import (
     PRESETS, ConfigError, RunConfig, classifier_name, comparability_changes, comparable_on, load_config, parse_override,
@@ -61,7 +63,7 @@ def test_a_config_file_is_applied_between_the_preset_and_the_overrides(tmp_path)
         ({"train.epochs": 0}, "train.epochs: Input should be greater than 0 (got 0)"),
         ({"train.device": "tpu"}, "device must be auto, cpu, cuda[:N] or mps, got 'tpu'"),
         ({"train.learnign_rate": 0.1}, "train.learnign_rate: Extra inputs are not permitted"),
-        ({"model.hidden_dims": [400, 0]}, "hidden_dims must hold positive widths"),
+        ({"model.hidden_dims": [400, 0]}, "model.hidden_dims.1: Input should be greater than 0 (got 0)"),
         ({"data.validation_size": 60_000}, "data.validation_size: Input should be less than 60000"),
         ({"data.validation_size": 0, "train.early_stopping_patience": 2}, "early_stopping_patience needs a validation set"),
         ({"data.train_subset": 55_000}, "data.train_subset (55000) exceeds the 50000 training images"),
@@ -71,6 +73,72 @@ def test_a_bad_value_is_rejected_naming_the_field(override, named):
     with pytest.raises(ConfigError) as error:
         load_config("default", override)
     assert named in str(error.value)
+
+
+FLOAT_FIELDS = [
+    "objective.gaussian_std", "objective.beta", "objective.kl_warmup_epochs", "train.learning_rate",
+    "train.grad_clip_norm", "registry.promotion_margin_nats",
+]
+
+
+@pytest.mark.parametrize("text", ["Infinity", "-Infinity", "NaN"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_infinity_and_nan_are_refused_in_every_float_field_by_name(field, text):
+    override = dict([parse_override(f"{field}={text}")])  # as --set types it: JSON reads these three as floats
+
+    with pytest.raises(ConfigError) as error:
+        load_config("default", override)
+
+    got = {"Infinity": "inf", "-Infinity": "-inf", "NaN": "nan"}[text]
+    assert str(error.value) == f"invalid config:\n  {field}: Input should be a finite number (got {got})"
+
+
+def test_every_float_field_of_the_config_is_in_the_list_of_float_fields():
+    def floats(model, prefix=""):
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                yield from floats(annotation, f"{prefix}{name}.")
+            elif float in (annotation, *typing.get_args(annotation)):
+                yield f"{prefix}{name}"
+
+    assert sorted(floats(RunConfig)) == sorted(FLOAT_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model.latent_dim", 1025, "Input should be less than or equal to 1024"),
+        ("model.hidden_dims", [400, 4097], "Input should be less than or equal to 4096"),
+        ("model.hidden_dims", [64] * 9, "Tuple should have at most 8 items after validation, not 9"),
+        ("model.image_shape", [1, 28, 65], "Input should be less than or equal to 64"),
+        ("model.conv_channels", [32, 1025], "Input should be less than or equal to 1024"),
+        ("model.conv_dense_dim", 4097, "Input should be less than or equal to 4096"),
+        ("model.decoder_start_channels", 1025, "Input should be less than or equal to 1024"),
+        ("objective.beta", 1000.5, "Input should be less than or equal to 1000"),
+        ("objective.kl_warmup_epochs", 10_001, "Input should be less than or equal to 10000"),
+        ("train.epochs", 10_001, "Input should be less than or equal to 10000"),
+        ("train.batch_size", 65_537, "Input should be less than or equal to 65536"),
+        ("train.early_stopping_patience", 10_001, "Input should be less than or equal to 10000"),
+        ("train.seed", 2**32, "Input should be less than 4294967296"),
+        ("train.seed", -1, "Input should be greater than or equal to 0"),
+        ("eval.iwae_samples", 100_001, "Input should be less than or equal to 100000"),
+        ("eval.batch_size", 65_537, "Input should be less than or equal to 65536"),
+        ("data.split_seed", 2**32, "Input should be less than 4294967296"),
+        ("registry.promotion_margin_nats", 1e7, "Input should be less than or equal to 1000000"),
+    ],
+)
+def test_sizes_and_counts_have_upper_bounds_and_a_value_past_one_is_refused_by_name(field, value, message):
+    with pytest.raises(ConfigError) as error:
+        load_config("default", {field: value})
+
+    (problem,) = str(error.value).splitlines()[1:]
+    assert problem.strip().startswith(field) and message in problem, problem
+
+
+def test_every_preset_is_within_the_bounds():
+    for preset in PRESETS:
+        assert load_config(preset).preset == preset
 
 
 def test_every_bad_field_is_named_at_once():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
 import http.server
@@ -9,6 +10,7 @@ import struct
 import threading
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from pipeline.data import (
     DataError,
     DatasetSpec,
     DownloadError,
+    DownloadLimitError,
     IDXFormatError,
     RawDataset,
     default_cache_dir,
@@ -57,7 +60,10 @@ def publish(
     monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes], hosts: tuple[str, ...] = (UNREACHABLE,)
 ) -> DatasetSpec:
     """Register the data set "tiny" whose published files have the given contents."""
-    spec = DatasetSpec("tiny", hosts, {name: sha256(content) for name, content in files.items()}, tuple("0123456789"))
+    spec = DatasetSpec(
+        "tiny", hosts, {name: sha256(content) for name, content in files.items()}, tuple("0123456789"),
+        sizes={name: len(content) for name, content in files.items()},
+    )
     monkeypatch.setitem(DATASETS, "tiny", spec)
     return spec
 
@@ -298,6 +304,153 @@ def test_http_timeout_is_retried_and_reported(tiny, cache, serve):
     assert sorted(requested) == [f"/tiny/{NAME}"] * 2 + [f"/tiny/{NAME}.gz"] * 2
 
 
+# limits: a source is read no further than its file's size, and no longer than the deadline
+
+
+def gzip_bomb(decompressed_mib: int) -> bytes:
+    """A gzip file of ``decompressed_mib`` MiB of zeros, about a thousandth of that compressed: 32 MiB members, one
+    after another (a valid gzip file, which gunzip and Python decompress whole)."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    member = b"".join([compressor.compress(bytes(1 << 20)) for _ in range(32)] + [compressor.flush()])
+    return member * (decompressed_mib // 32)
+
+
+def test_a_gzip_bomb_in_a_mirror_directory_is_stopped_past_the_files_published_size_and_leaves_nothing(
+    tiny, cache, tmp_path
+):
+    mirror = tmp_path / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    (mirror / "tiny" / f"{NAME}.gz").write_bytes(gzip_bomb(32))  # 32 MiB of zeros for an 18-byte file
+
+    with pytest.raises(DownloadError) as error:
+        fetch("tiny", cache, [str(mirror)])
+
+    source = f"{mirror}/tiny/{NAME}.gz"
+    assert str(error.value).splitlines()[1] == (
+        f"  {source}: {NAME} from {source}: longer than the file's published 18 bytes once decompressed; stopped "
+        "reading there (a gzip bomb, or not this file)"
+    )
+    assert list((cache / "tiny").iterdir()) == []
+
+
+def test_a_gzip_bomb_over_http_for_the_mnist_training_images_stops_at_their_published_size(
+    monkeypatch, cache, serve
+):
+    name = "train-images-idx3-ubyte"
+    publish(monkeypatch, {name: b""})
+    monkeypatch.setitem(DATASETS["tiny"].sizes, name, DATASETS["mnist"].sizes[name])  # 47,040,016 bytes
+    bomb = gzip_bomb(1024)  # 1 GiB of zeros in about 1 MB
+    url, requested = serve(lambda handler: reply(handler, 200, bomb))
+
+    with pytest.raises(DownloadError) as error:
+        fetch("tiny", cache, [url], retries=3, backoff=0)
+
+    source = f"{url}/tiny/{name}.gz"
+    assert str(error.value).splitlines()[1] == (
+        f"  {source}: {name} from {source}: longer than the file's published 47,040,016 bytes once decompressed; "
+        "stopped reading there (a gzip bomb, or not this file)"
+    )
+    assert requested == [f"/tiny/{name}.gz", f"/tiny/{name}"]  # the same source again would send the same bomb
+    assert list((cache / "tiny").iterdir()) == []
+
+
+def test_a_source_sending_more_than_the_file_takes_even_uncompressed_is_stopped_there(tiny, cache, tmp_path):
+    # Gzip allows zero padding after the stream: this decompresses to the right bytes after 1 MiB of zeros.
+    mirror = tmp_path / "mirror"
+    (mirror / "tiny").mkdir(parents=True)
+    (mirror / "tiny" / f"{NAME}.gz").write_bytes(gzip.compress(LABELS) + bytes(1 << 20))
+
+    with pytest.raises(DownloadError) as error:
+        fetch("tiny", cache, [str(mirror)])
+
+    source = f"{mirror}/tiny/{NAME}.gz"
+    limit = 18 + 18 // 100 + 65536
+    assert str(error.value).splitlines()[1] == (
+        f"  {source}: {NAME} from {source}: sent more than {limit:,} bytes, more than the file takes even stored "
+        "uncompressed; stopped reading there"
+    )
+    assert list((cache / "tiny").iterdir()) == []
+
+
+def test_a_source_that_trickles_bytes_is_stopped_at_the_deadline_though_no_read_times_out(
+    tiny, cache, serve, monkeypatch
+):
+    monkeypatch.setitem(tiny.sizes, NAME, 100_000)  # a file the trickle would take 80 minutes to send
+
+    def trickle(handler: http.server.BaseHTTPRequestHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", "100000")
+        handler.end_headers()
+        try:
+            for _ in range(100_000):  # a byte every 50 ms: each read returns long before the 5-second socket timeout
+                handler.wfile.write(b"\0")
+                handler.wfile.flush()
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading, as it should
+            pass
+
+    url, requested = serve(trickle)
+    started = time.monotonic()
+
+    with pytest.raises(DownloadError) as error:
+        fetch("tiny", cache, [url], timeout=5, retries=3, backoff=0, deadline=1)
+
+    attempts = str(error.value).splitlines()[1:3]
+    for attempt, suffix in zip(attempts, (".gz", "")):
+        source = f"{url}/tiny/{NAME}{suffix}"
+        assert attempt.startswith(f"  {source}: {NAME} from {source}: not done within the deadline of 1 s ("), attempt
+        assert attempt.endswith(" bytes read); stopped reading (a stalled or trickling source)"), attempt
+    assert requested == [f"/tiny/{NAME}.gz", f"/tiny/{NAME}"]  # not retried: the same source would trickle again
+    # Two sources, each stopped at most one socket timeout (5 s) after its 1-second deadline.
+    assert time.monotonic() - started < 2 * (1 + 5) + 10
+    assert list((cache / "tiny").iterdir()) == []
+
+
+def test_download_limit_errors_are_data_errors():
+    assert issubclass(DownloadLimitError, DataError)
+
+
+def basic_auth(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def test_a_mirror_url_with_credentials_sends_them_as_basic_auth(tiny, cache, tmp_path, serve):
+    make_mirror(tmp_path / "mirror", {NAME: LABELS})
+    serve_files = files_under(tmp_path / "mirror")
+    authorizations = []
+
+    def private(handler: http.server.BaseHTTPRequestHandler) -> None:
+        authorizations.append(handler.headers.get("Authorization"))
+        if handler.headers.get("Authorization") == basic_auth("alice", "s3cret@x"):
+            serve_files(handler)
+        else:
+            reply(handler, 401)
+
+    url, requested = serve(private)
+    with_credentials = url.replace("http://", "http://alice:s3cret%40x@")
+
+    assert fetch("tiny", cache, [with_credentials])[NAME].read_bytes() == LABELS
+    assert (requested, authorizations) == ([f"/tiny/{NAME}.gz"], [basic_auth("alice", "s3cret@x")])
+
+
+def test_a_failing_mirror_url_with_credentials_is_named_without_them(tiny, cache, tmp_path, serve):
+    wrong = idx_bytes(np.zeros(10, dtype=np.uint8))
+    make_mirror(tmp_path / "mirror", {NAME: wrong})
+    url, _ = serve(files_under(tmp_path / "mirror"))
+    with_credentials = url.replace("http://", "http://alice:s3cret@")
+
+    with pytest.raises(DownloadError) as error, pytest.warns(UserWarning) as record:
+        fetch("tiny", cache, [with_credentials], retries=1)
+
+    redacted = url.replace("http://", "http://***@")
+    assert str(error.value).splitlines()[1:3] == [
+        f"  {redacted}/tiny/{NAME}.gz: {NAME} from {redacted}/tiny/{NAME}.gz: decompressed sha256 is {sha256(wrong)}, "
+        f"expected {sha256(LABELS)}",
+        f"  {redacted}/tiny/{NAME}: HTTPError: HTTP Error 404: Not Found",
+    ]
+    assert [str(warning.message) for warning in record] == [str(error.value).splitlines()[1].split(": ", 1)[1]]
+
+
 def test_fetch_rejects_an_unknown_data_set(cache):
     with pytest.raises(DataError, match="unknown data set 'nope'; expected one of: mnist, fashion-mnist"):
         fetch("nope", cache, [])
@@ -325,6 +478,10 @@ def test_dataset_specs_publish_the_four_files_and_ten_class_names():
     assert set(DATASETS) == {"mnist", "fashion-mnist"}
     for spec in DATASETS.values():
         assert tuple(spec.sha256) == FILE_NAMES
+        assert spec.sizes == {
+            "train-images-idx3-ubyte": 47_040_016, "train-labels-idx1-ubyte": 60_008,
+            "t10k-images-idx3-ubyte": 7_840_016, "t10k-labels-idx1-ubyte": 10_008,
+        }
         assert len(spec.class_names) == 10
     assert DATASETS["mnist"].class_names == ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9")
     assert DATASETS["fashion-mnist"].class_names[0] == "T-shirt/top"
@@ -585,3 +742,5 @@ def test_load_real_data_set_from_its_sources_then_from_the_cache(dataset, real_c
     assert (raw.digest, raw.class_names) == (digest, DATASETS[dataset].class_names)
     cached = load(dataset, real_cache, mirrors=[])
     assert cached.digest == digest and torch.equal(cached.train_images, raw.train_images)
+    files = fetch(dataset, real_cache, mirrors=[])
+    assert {name: path.stat().st_size for name, path in files.items()} == DATASETS[dataset].sizes

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pydantic
 import pytest
+import safetensors
 import torch
+import yaml
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, ModelVersionTag
 
@@ -20,6 +25,8 @@ from pipeline.registry import (
     RegistryError,
     assign_alias,
     champion,
+    load_model,
+    load_pyfunc,
     log_model,
     primary_metric,
     promote,
@@ -35,6 +42,7 @@ pytestmark = pytest.mark.filterwarnings(
     "ignore:The ``noload`` loader strategy is deprecated",
 )
 
+TINY = ModelConfig(hidden_dims=(16,), latent_dim=2)
 MNIST = load_config("default", {"eval.iwae_samples": 0})
 STATIC_MNIST = load_config("default", {"data.binarization": "static"})
 FASHION = load_config("default", {"data.dataset": "fashion-mnist"})
@@ -49,6 +57,7 @@ class Store:
     example: torch.Tensor
     model_uri: str
     run_id: str
+    scratch: Path
 
     def register(self, config=MNIST, margin: float = 0.0, **metrics: float) -> PromotionDecision:
         config = with_overrides(config, {"registry.promotion_margin_nats": margin})
@@ -71,14 +80,14 @@ def _use_store(monkeypatch: pytest.MonkeyPatch, database: Path) -> None:
 def template(tmp_path_factory: pytest.TempPathFactory):
     """A migrated SQLite store with one logged tiny model; creating the tables takes seconds, copying it does not."""
     folder = tmp_path_factory.mktemp("mlflow-template")
-    model = build_model(ModelConfig(hidden_dims=(16,), latent_dim=2), seed=0)
+    model = build_model(TINY, seed=0)
     example = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with pytest.MonkeyPatch.context() as monkeypatch:
         _use_store(monkeypatch, folder / "mlflow.db")
         try:
             experiment = MlflowClient().create_experiment("registry", artifact_location=(folder / "artifacts").as_uri())
             with mlflow.start_run(experiment_id=experiment) as run:
-                model_uri = log_model(model, example)
+                model_uri = log_model(model, TINY, example)
         finally:
             mlflow.set_tracking_uri(None)
     return folder / "mlflow.db", model, example, model_uri, run.info.run_id
@@ -89,7 +98,7 @@ def store(template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     database, model, example, model_uri, run_id = template
     shutil.copy(database, tmp_path / "mlflow.db")
     _use_store(monkeypatch, tmp_path / "mlflow.db")
-    yield Store(MlflowClient(), model, example, model_uri, run_id)
+    yield Store(MlflowClient(), model, example, model_uri, run_id, tmp_path / "scratch")
     mlflow.set_tracking_uri(None)
 
 
@@ -102,7 +111,7 @@ def test_the_primary_metric_is_the_nll_when_measured_else_the_elbo():
 
 def test_a_logged_model_loads_from_the_champion_alias_and_samples_and_decodes(store):
     store.register(test_nll_nats=90.0)
-    loaded = mlflow.pytorch.load_model("models:/vae-mnist@champion")
+    loaded = load_model("models:/vae-mnist@champion")
     z = torch.randn(3, 2, generator=torch.Generator().manual_seed(1))
 
     assert isinstance(loaded, ServingVAE) and isinstance(loaded, VAE)
@@ -114,9 +123,68 @@ def test_a_logged_model_loads_from_the_champion_alias_and_samples_and_decodes(st
     assert torch.equal(loaded(store.example), store.model.reconstruct(store.example))
 
 
+@pytest.mark.parametrize("form", ["alias", "version", "logged-model", "run-uri", "run-id", "registered-name"])
+def test_one_line_loads_the_model_from_every_form_of_reference(store, form):
+    store.register(test_nll_nats=90.0)
+    reference = {
+        "alias": "models:/vae-mnist@champion", "version": "models:/vae-mnist/1", "logged-model": store.model_uri,
+        "run-uri": f"runs:/{store.run_id}/model", "run-id": store.run_id, "registered-name": "vae-mnist",
+    }[form]
+
+    loaded = load_model(reference)
+
+    assert all(torch.equal(loaded.state_dict()[name], tensor) for name, tensor in store.model.state_dict().items())
+    assert not loaded.training
+
+
 def test_logging_a_model_needs_an_active_run(store):
     with pytest.raises(RuntimeError, match="needs an active MLflow run"):
-        log_model(store.model, store.example)
+        log_model(store.model, TINY, store.example)
+
+
+def test_the_logged_model_is_safetensors_weights_a_json_config_and_a_pyfunc_flavor_of_this_projects_loader(store):
+    local = Path(mlflow.artifacts.download_artifacts(store.model_uri, dst_path=str(store.scratch)))
+    # registered_model_meta is MLflow's own, written there once another test has registered the (shared) model.
+    files = sorted(str(path.relative_to(local)) for path in local.rglob("*") if path.is_file())
+    files = [name for name in files if name != "registered_model_meta"]
+
+    assert files == [
+        "MLmodel", "conda.yaml", "data/vae/model_config.json", "data/vae/weights.safetensors", "input_example.json",
+        "python_env.yaml", "requirements.txt", "serving_input_example.json",
+    ]
+    flavors = yaml.safe_load((local / "MLmodel").read_text())["flavors"]
+    assert list(flavors) == ["python_function"]
+    assert {key: flavors["python_function"][key] for key in ("loader_module", "data", "code")} == {
+        "loader_module": "pipeline.serving", "data": "data/vae", "code": None,
+    }
+    assert (local / "requirements.txt").read_text().splitlines() == [
+        f"mlflow=={mlflow.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+        f"safetensors=={safetensors.__version__}", f"numpy=={np.__version__}", f"pydantic=={pydantic.__version__}",
+    ]
+
+
+def test_logging_a_model_warns_of_nothing(store, caplog):
+    with mlflow.start_run(experiment_id=store.client.get_run(store.run_id).info.experiment_id):
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            with caplog.at_level(logging.WARNING, logger="mlflow"):
+                mlflow_logger = logging.getLogger("mlflow")
+                mlflow_logger.addHandler(caplog.handler)  # MLflow's loggers do not propagate to the root
+                try:
+                    log_model(store.model, TINY, store.example)
+                finally:
+                    mlflow_logger.removeHandler(caplog.handler)
+
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert [str(warning.message) for warning in warned] == []
+
+
+def test_load_pyfunc_checks_the_mlmodel_then_loads_the_pyfunc_model(store):
+    store.register(test_nll_nats=90.0)
+
+    predicted = load_pyfunc("models:/vae-mnist@champion").predict(store.example.numpy())
+
+    np.testing.assert_array_equal(predicted, store.model.reconstruct(store.example).numpy())
 
 
 def test_pyfunc_predict_of_the_input_example_returns_its_reconstructions(store):

@@ -406,6 +406,26 @@ def test_only_rank_0_calls_the_callbacks_and_writes_the_checkpoint(two_processes
     assert (two_processes[0]["checkpoint"], two_processes[1]["checkpoint"]) == (True, False)
 
 
+def fit_unpickling_nothing(rank: int, directory: Path) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process unpickled bytes another process sent")
+
+    # What torch.distributed's object collectives unpickle with: a process of the group may be anyone who reached
+    # the rendezvous port.
+    torch.distributed.distributed_c10d._unpickler = refuse
+    state = fit(build_model(MODEL, seed=3), TRAIN, VALIDATION, OBJECTIVE, train_config(epochs=2))
+    torch.save({"history": state.history}, directory / f"rank{rank}.pt")
+
+
+def test_processes_share_the_validation_metrics_as_tensors_without_unpickling_anything(tmp_path):
+    ranks = run_in_two_processes(fit_unpickling_nothing, tmp_path)
+
+    assert [sorted(name for name in epoch if name.startswith("val_")) for epoch in ranks[1]["history"]] == [
+        ["val_elbo_nats", "val_kl_nats", "val_reconstruction_nats"]
+    ] * 2
+    assert ranks[1]["history"] == ranks[0]["history"]  # rank 0's float64 numbers, bit for bit
+
+
 def fit_with_a_nan_on_rank_0(rank: int, directory: Path) -> None:
     class PoisonRank0(Callback):  # callbacks run on rank 0 only: rank 1's parameters stay finite
         def on_epoch_end(self, state):
