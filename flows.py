@@ -116,6 +116,7 @@ def tracked_training(
     with tracking.start_run(
         config, run_name=run_name, tags=tags, resume_run_id=resume_run_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri
     ) as run:
+        announce_run(run.info.run_id, config, tracking_uri)
         files = fetch_data(config.data.dataset, config.data.cache_dir)
         prepared = prepare_data(config.data, files)
         if resume_run_id is None:
@@ -148,6 +149,15 @@ def tracked_training(
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
     )
+
+
+def announce_run(run_id: str, config: RunConfig, tracking_uri: str) -> None:
+    """Print the run id and the command that resumes the run, and record that command on the run, before any work:
+    a run whose process dies is then found and continued without reading the store."""
+    command = tracking.resume_command(run_id, tracking_uri)
+    mlflow.set_tag(tracking.RESUME_COMMAND_TAG, command)
+    print(f"MLflow run {run_id} (experiment vae-{config.data.dataset}); if it is interrupted, resume it with:\n"
+          f"  {command}", flush=True)
 
 
 def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
@@ -356,6 +366,8 @@ def _train(args: argparse.Namespace) -> int:
         try:
             config = _config_from(args)
             resolve_device(config.train.device)
+            if args.resume is not None:  # a run still training in another process: refused before any work
+                tracking.check_not_running(mlflow.MlflowClient().get_run(args.resume))
         except (ConfigError, RuntimeError) as error:
             return _fail(error, 2)
         if rank != 0:
@@ -524,6 +536,8 @@ def _ui(args: argparse.Namespace) -> int:
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {uri}")
         return 0
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
+    # What the UI shows as RUNNING should be running: runs whose process died on this host are marked KILLED first.
+    tracking.mark_dead_runs([found.experiment_id for found in mlflow.MlflowClient().search_experiments()])
     print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
     os.execv(command[0], command)
 

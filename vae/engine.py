@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -342,8 +343,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`fit`, read with ``weights_only=True``; a damaged file gets a clear error."""
+    """A checkpoint written by :func:`fit`, read with ``weights_only=True``; a damaged file gets a clear error.
+
+    Every record's CRC-32 is checked first (torch.load does not check them): a copy torn by a kill or a power cut, or
+    with a block of zeros where data should be, is refused instead of loading wrong numbers.
+    """
     path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
+    if damaged is not None:
+        raise ValueError(f"{path}: not a readable checkpoint (its record {damaged} does not match its CRC-32: damaged)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
