@@ -32,11 +32,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from torch import nn
 
-from pipeline import artifacts
-from pipeline.config import ConfigError, RunConfig, validate
+from pipeline import pictures
+from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experiment_name, validate
 from pipeline.data import DATASETS, PreparedData
 from vae.data import ImageSet
-from vae.engine import Callback, TrainingState, load_checkpoint
+from vae.checkpoint import load_checkpoint
+from vae.engine import Callback, TrainingState
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # whose git commit a run records
 MLRUNS_DIR = PROJECT_ROOT / "mlruns"  # the default store: mlflow.db and artifacts/ in here
@@ -61,7 +62,7 @@ KILLED_TAG = "killed"  # on a run marked KILLED because its process was gone: wh
 SPLIT_SETTINGS = {
     "training": ("validation_size", "split_seed", "train_subset", "binarization", "binarization_seed"),
     "validation": ("validation_size", "split_seed", "binarization", "binarization_seed"),
-    "test": ("binarization", "binarization_seed"),
+    "test": tuple(field.removeprefix("data.") for field in TEST_IMAGE_FIELDS if field != "data.dataset"),
 }
 
 _ready: set[str] = set()  # tracking URIs whose store this process has ensured
@@ -105,7 +106,7 @@ def experiment(dataset: str) -> str:
     In a SQLite store its artifacts go to ``artifacts/<experiment name>/`` beside the database; a tracking server
     chooses the artifact location itself.
     """
-    name = f"vae-{dataset}"
+    name = experiment_name(dataset)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -201,8 +202,8 @@ def start_run(
         mark_dead_runs([experiment_id])
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags, parent_run_id=parent_run_id)
     else:
+        check_not_running(resume_run_id)
         previous = client.get_run(resume_run_id)
-        check_not_running(previous)
         mark_dead_runs([previous.info.experiment_id])
         # This process's tags go on before the run is RUNNING again, so that no one sees it RUNNING under the old,
         # dead process and marks it KILLED.
@@ -255,9 +256,10 @@ def process_alive(tags: Mapping[str, str]) -> bool | None:
     return abs(started - float(tags[PROCESS_STARTED_TAG])) < PROCESS_START_TOLERANCE_S
 
 
-def check_not_running(run: mlflow.entities.Run) -> None:
-    """Raise :class:`RunInProgressError` if ``run`` is RUNNING in a process that is alive; a run RUNNING on another
+def check_not_running(run_id: str) -> None:
+    """Raise :class:`RunInProgressError` if the run is RUNNING in a process that is alive; a run RUNNING on another
     host, which cannot be checked from here, is reported on stderr and let through (its machine may be gone)."""
+    run = mlflow.MlflowClient().get_run(run_id)
     if run.info.status != "RUNNING":
         return
     tags, run_id = run.data.tags, run.info.run_id
@@ -272,11 +274,14 @@ def check_not_running(run: mlflow.entities.Run) -> None:
               "cannot be checked from here; resuming it anyway", file=sys.stderr, flush=True)
 
 
-def mark_dead_runs(experiment_ids: Sequence[str]) -> list[str]:
-    """Mark KILLED the RUNNING runs of these experiments whose process (recorded by :func:`process_tags`) is gone from
-    this host, each with a "killed" tag saying what was found and how to resume it; return their ids, and say so on
-    stdout. Runs on other hosts, and runs without a recorded process, are left as they are."""
+def mark_dead_runs(experiment_ids: Sequence[str] | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of these experiments (default: all of the store's) whose process (recorded by
+    :func:`process_tags`) is gone from this host, each with a "killed" tag saying what was found and how to resume it;
+    return their ids, and say so on stdout. Runs on other hosts, and runs without a recorded process, are left as they
+    are."""
     client = mlflow.MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [found.experiment_id for found in mlflow.search_experiments()]  # every page
     host = socket.gethostname()
     query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
     killed, token = [], None
@@ -434,7 +439,7 @@ class MLflowCallback(Callback):
         self.frames: list[tuple[int, Image.Image]] = []
 
     def on_fit_start(self, state: TrainingState) -> None:
-        self.z = artifacts.fixed_latents(self.samples, state.model.latent_dim, self.seed)
+        self.z = pictures.fixed_latents(self.samples, state.model.latent_dim, self.seed)
         mlflow.set_tag("device", str(state.device))
         self.frames = []
         if state.epoch:
@@ -452,17 +457,17 @@ class MLflowCallback(Callback):
     def on_fit_end(self, state: TrainingState) -> None:
         if self.frames:
             epochs, grids = zip(*self.frames)
-            gif = artifacts.animated_gif(grids, captions=[f"epoch {epoch}" for epoch in epochs])
+            gif = pictures.animated_gif(grids, captions=[f"epoch {epoch}" for epoch in epochs])
             _log_bytes(gif, "samples/samples.gif")
         if state.history:
-            mlflow.log_image(artifacts.loss_curves(state.history), artifact_file="loss_curves.png")
+            mlflow.log_image(pictures.loss_curves(state.history), artifact_file="loss_curves.png")
 
     def _log_epoch(self, state: TrainingState, epoch: int) -> None:
         mlflow.log_metrics({**state.history[epoch - 1], "epoch_seconds": state.epoch_seconds[epoch - 1]}, step=epoch)
 
     def _log_grid(self, state: TrainingState) -> None:
         """The grid of the model as it is now, at step ``state.epoch``."""
-        grid = artifacts.prior_samples(state.model, self.z)
+        grid = pictures.prior_samples(state.model, self.z)
         # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
         mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
         self.frames.append((state.epoch, grid))
@@ -506,10 +511,10 @@ def log_evaluation(
     """The test metrics (every entry of ``metrics``: test_elbo_nats, test_nll_nats, ...) and the pictures of the
     trained model: reconstructions.png, latent_space.png and, for a 2-D latent, latent_manifold.png."""
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()})
-    mlflow.log_image(artifacts.reconstructions(model, test, class_names), artifact_file="reconstructions.png")
-    mlflow.log_image(artifacts.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
+    mlflow.log_image(pictures.reconstructions(model, test, class_names), artifact_file="reconstructions.png")
+    mlflow.log_image(pictures.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
     if model.latent_dim == 2:
-        mlflow.log_image(artifacts.latent_manifold(model), artifact_file="latent_manifold.png")
+        mlflow.log_image(pictures.latent_manifold(model), artifact_file="latent_manifold.png")
 
 
 def ui_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
