@@ -120,12 +120,11 @@ def tracked_training(
         announce_run(run.info.run_id, config, tracking_uri)
         files = fetch_data(config.data.dataset, config.data.cache_dir)
         prepared = prepare_data(config.data, files)
-        if resume_run_id is None:
-            tracking.log_dataset(prepared, config)
+        tracking.log_dataset(prepared, config)
         with tempfile.TemporaryDirectory() as scratch:
             checkpoint = Path(scratch) / "checkpoint.pt"
-            if resume_run_id is not None:
-                checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch))
+            if resume_run_id is not None:  # without a whole checkpoint (killed in its first epoch) it starts over
+                checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch)) or checkpoint
             callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), training.EpochReport()]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None

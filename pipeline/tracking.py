@@ -203,8 +203,8 @@ def start_run(
         run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags, parent_run_id=parent_run_id)
     else:
         check_not_running(resume_run_id)
-        previous = client.get_run(resume_run_id)
-        mark_dead_runs([previous.info.experiment_id])
+        mark_dead_runs([client.get_run(resume_run_id).info.experiment_id])
+        previous = client.get_run(resume_run_id)  # as marked, if it was
         # This process's tags go on before the run is RUNNING again, so that no one sees it RUNNING under the old,
         # dead process and marks it KILLED.
         client.log_batch(resume_run_id, tags=[RunTag(key, value) for key, value in process_tags().items()])
@@ -341,11 +341,12 @@ def run_config(run_id: str) -> RunConfig:
     return validate(values)
 
 
-def download_checkpoint(run_id: str, directory: Path) -> Path:
+def download_checkpoint(run_id: str, directory: Path) -> Path | None:
     """The latest whole training checkpoint of a run (see :class:`MLflowCallback`), downloaded into ``directory``.
 
-    Both uploaded copies are downloaded and checked (:func:`vae.engine.load_checkpoint`); the later epoch's whole copy
-    is used. Which one, and why the other was passed over, is printed. FileNotFoundError when no copy is whole.
+    Both uploaded copies are downloaded and checked (:func:`vae.checkpoint.load_checkpoint`); the later epoch's whole
+    copy is used. Which one, and why the other was passed over, is printed. None, printing why, when no copy is whole
+    (a run killed in its first epoch has none): the run then trains again from the start.
     """
     whole, problems = [], []
     for artifact in (CHECKPOINT_ARTIFACT, NEXT_CHECKPOINT_ARTIFACT):
@@ -361,7 +362,8 @@ def download_checkpoint(run_id: str, directory: Path) -> Path:
         except ValueError as error:
             problems.append(f"{artifact} is damaged, its upload cut short ({error})")
     if not whole:
-        raise FileNotFoundError(f"run {run_id} has no whole checkpoint to resume from: {'; '.join(problems)}")
+        print(f"run {run_id} has no whole checkpoint ({'; '.join(problems)}): it trains again from the start", flush=True)
+        return None
     epoch, _, artifact, local = max(whole)  # the later epoch; at equal epochs the usual name
     passed_over = [problem for problem in problems if "is damaged" in problem]
     passed_over += [f"{other} is of epoch {other_epoch}" for other_epoch, _, other, _ in whole if other_epoch < epoch]
@@ -404,11 +406,14 @@ def split_digest(content_digest: str, split: str, config: RunConfig) -> str:
 
 
 def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
-    """The training, validation (if any) and test splits as dataset inputs of the active run.
+    """The training, validation (if any) and test splits as dataset inputs of the active run, unless it has them
+    already (a resumed run logged them when it first started, unless it was killed before).
 
     Each is named after the data set, has a :func:`split_digest` and its image count as profile, and points at where
     the data set is published. The run is also tagged with the full content digest ("dataset_digest").
     """
+    if mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).inputs.dataset_inputs:
+        return
     source = HTTPDatasetSource(DATASETS[prepared.name].hosts[0])
     splits = {"training": prepared.train, "validation": prepared.validation, "test": prepared.test}
     contexts = [context for context, images in splits.items() if images is not None]

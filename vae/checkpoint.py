@@ -41,6 +41,7 @@ def save_checkpoint(
             "best_model": state.best_model_state,
             "stopped_early": state.stopped_early,
         },
+        "intraop_threads": state.intraop_threads,
         "train_config": state.train_config.model_dump(mode="json"),
         "objective": state.objective.model_dump(mode="json"),
         "metadata": metadata or {},
@@ -113,3 +114,6 @@ def restore_checkpoint(
     state.epochs_without_improvement = early["epochs_without_improvement"]
     state.best_model_state = early["best_model"]
     state.stopped_early = early["stopped_early"]
+    # The thread count the sums of every step were split over (see TrainingState); absent from checkpoints of earlier
+    # versions, which then resume with this process's.
+    state.intraop_threads = checkpoint.get("intraop_threads", state.intraop_threads)

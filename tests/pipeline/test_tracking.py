@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sqlite3
 import subprocess
@@ -512,15 +513,37 @@ def test_a_checkpoint_torn_during_its_upload_is_passed_over_for_the_whole_copy(s
     )
 
 
-def test_a_run_whose_checkpoints_are_both_torn_cannot_be_resumed_and_says_why(store, tmp_path):
+def test_a_run_without_a_whole_checkpoint_says_so_and_is_trained_from_the_start(store, tmp_path, capsys):
     run_id = train_with_checkpoints(tiny_config(), tmp_path)
     tear(artifact_file(run_id, "checkpoint/checkpoint.pt"))
     artifact_file(run_id, "checkpoint/next/checkpoint.pt").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match=(
-        rf"run {run_id} has no whole checkpoint to resume from: checkpoint/checkpoint.pt is damaged, its upload cut "
-        r"short \(.*\); checkpoint/next/checkpoint.pt is damaged, its upload cut short \(.*\)"
-    )):
-        tracking.download_checkpoint(run_id, tmp_path / "download")
+    assert tracking.download_checkpoint(run_id, tmp_path / "download") is None
+    assert re.fullmatch(
+        rf"run {run_id} has no whole checkpoint \(checkpoint/checkpoint.pt is damaged, its upload cut short \(.*\); "
+        r"checkpoint/next/checkpoint.pt is damaged, its upload cut short \(.*\)\): it trains again from the start\n",
+        capsys.readouterr().out,
+    )
+    with start_run(tiny_config()) as run:  # killed in its first epoch: nothing uploaded yet
+        pass
+    assert tracking.download_checkpoint(run.info.run_id, tmp_path / "none") is None
+    assert capsys.readouterr().out.startswith(
+        f"run {run.info.run_id} has no whole checkpoint (checkpoint/checkpoint.pt is not there ("
+    )
+
+
+def test_a_resumed_run_logs_its_dataset_inputs_only_if_it_has_none(store):
+    config = tiny_config()
+    _, prepared = tiny_data(config)
+    with start_run(config) as run:
+        log_dataset(prepared, config)
+    with start_run(config, resume_run_id=run.info.run_id):
+        log_dataset(prepared, config)
+    assert len(MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs) == 3
+    with start_run(config) as killed_before_logging_them:
+        pass
+    with start_run(config, resume_run_id=killed_before_logging_them.info.run_id):
+        log_dataset(prepared, config)
+    assert len(MlflowClient().get_run(killed_before_logging_them.info.run_id).inputs.dataset_inputs) == 3
 
 
 @pytest.mark.parametrize("cut", ["before the metrics", "before the grid"])
