@@ -122,14 +122,14 @@ def tracked_training(
     with tracking.start_run(
         config, run_name=run_name, tags=tags, resume_run_id=resume_run_id, parent_run_id=parent_run_id, tracking_uri=tracking_uri
     ) as run:
+        announce_run(run.info.run_id, config, tracking_uri)
         files = fetch_data(config.data.dataset, config.data.cache_dir)
         prepared = prepare_data(config.data, files)
-        if resume_run_id is None:
-            tracking.log_dataset(prepared, config)
+        tracking.log_dataset(prepared, config)
         with tempfile.TemporaryDirectory() as scratch:
             checkpoint = Path(scratch) / "checkpoint.pt"
-            if resume_run_id is not None:
-                checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch))
+            if resume_run_id is not None:  # without a whole checkpoint (killed in its first epoch) it starts over
+                checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch)) or checkpoint
             callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), training.EpochReport()]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
@@ -158,6 +158,15 @@ def tracked_training(
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
     )
+
+
+def announce_run(run_id: str, config: RunConfig, tracking_uri: str) -> None:
+    """Print the run id and the command that resumes the run, and record that command on the run, before any work:
+    a run whose process dies is then found and continued without searching the store."""
+    command = tracking.resume_command(run_id, tracking_uri)
+    mlflow.set_tag(tracking.RESUME_COMMAND_TAG, command)
+    print(f"MLflow run {run_id} (experiment {config.experiment_name}); if it is interrupted, resume it with:\n"
+          f"  {command}", flush=True)
 
 
 def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:

@@ -97,11 +97,16 @@ def _train(args: argparse.Namespace) -> int:
         config = _config_from(args)
     except ConfigError as error:
         return _fail(error, 2)
-    # The process that runs the flow (rank 0 of torchrun's, or this one alone) starts its Prefect server (unless
+    # The process that runs the flow (rank 0 of a group, or this one alone) starts its Prefect server (unless
     # PREFECT_API_URL names one) before it imports torch, MLflow and the flows, so that the server starts meanwhile.
-    server = prefect_api.start_private_server() if os.environ.get("RANK", "0") == "0" else None
+    runs_flow = os.environ.get("RANK", "0") == "0" and not starts_group
+    server = prefect_api.start_private_server() if runs_flow else None
     try:
         _checked_device(config)
+        if args.resume is not None:  # a run still training in another process: refused before any work
+            from pipeline import tracking
+
+            tracking.check_not_running(args.resume)
     except RuntimeError as error:
         return _fail(error, 2)
     if starts_group:  # each process runs this same command; a bad value was reported once, above
@@ -330,6 +335,8 @@ def _ui(args: argparse.Namespace) -> int:
             return 2
         print(f"warning: serving the UI on {args.host} beyond this machine: {UI_UNAUTHENTICATED}.", file=sys.stderr)
     command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
+    # What the UI shows as RUNNING should be running: runs whose process died on this host are marked KILLED first.
+    tracking.mark_dead_runs()
     address = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {address} over {redact(uri)} (Ctrl-C stops it); the runs of each experiment:", flush=True)
     for name, experiment_id in tracking.experiments().items():

@@ -7,6 +7,8 @@ import hashlib
 import json
 import logging
 import os
+import shlex
+import socket
 import subprocess
 import sys
 import tempfile
@@ -18,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import psutil
 import requests
 import torch
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import RunStatus
+from mlflow.entities import RunStatus, RunTag
 from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -38,6 +41,7 @@ from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experimen
 from pipeline.data import DATASETS, PreparedData
 from pipeline.redaction import redact
 from vae.data import ImageSet
+from vae.checkpoint import load_checkpoint
 from vae.engine import Callback, TrainingState
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # whose git commit a run records
@@ -46,7 +50,18 @@ ERROR_TAG_CHARS = 500  # the "error" tag holds the start of the message; error.t
 SAMPLES = 16  # decoded from the same z after every epoch: a 4x4 grid
 CONFIG_ARTIFACT = "config.json"  # the resolved config, from which a run is evaluated or resumed
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the latest epoch's checkpoint
+# The same checkpoint, uploaded just before it: an upload is not atomic, and whenever a kill or a power cut tears one of
+# the two copies, the other one is whole (the new epoch's, or the previous one's).
+NEXT_CHECKPOINT_ARTIFACT = "checkpoint/next/checkpoint.pt"
 SAMPLES_KEY = "samples"  # the image series of prior samples, one per epoch
+
+# Who runs a run: recorded when it starts (and again when it resumes), so that a run whose process died without
+# closing it (SIGKILL, power loss) can be told from one still training. pids are reused: the start time tells a later
+# process with the same id apart.
+HOST_TAG, PID_TAG, PROCESS_STARTED_TAG = "process.host", "process.pid", "process.started"
+PROCESS_START_TOLERANCE_S = 1.0  # the start time read back may move with wall-clock adjustments
+RESUME_COMMAND_TAG = "resume_command"  # the command that continues a training run from its last checkpoint
+KILLED_TAG = "killed"  # on a run marked KILLED because its process was gone: what was found, and how to resume it
 
 # Which settings of the data section shape each split, besides the published files (their content digest).
 SPLIT_SETTINGS = {
@@ -65,7 +80,11 @@ _logger = logging.getLogger(__name__)
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI if set (a remote server works unchanged), else the SQLite store in ``mlruns/``."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or _project_store_uri()
+
+
+def _project_store_uri() -> str:
+    return f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
 
 
 def ensure_store(tracking_uri: str | None = None) -> str:
@@ -188,22 +207,30 @@ def start_run(
     """An MLflow run in the data set's experiment, with the config as params and ``config.json``, and tags.
 
     The run goes to the store at ``tracking_uri`` (default: :func:`default_tracking_uri`), nested under
-    ``parent_run_id`` if given (MLflow's "mlflow.parentRunId" tag). The tags are :func:`run_tags` plus ``tags``. With
-    ``resume_run_id`` that run is reopened instead: params it does not have yet are added (MLflow keeps a param's
-    first value; changed values go to the "resumed_with_changes" tag), ``config.json`` is replaced by ``config`` and
-    the "resumed" tag counts the resumptions. The run ends FINISHED when the block completes. When it raises, the run
-    ends FAILED (KILLED on Ctrl-C) with the error in the "error" tag (its class and the start of its message) and its
-    traceback in ``error.txt``, and the exception propagates.
+    ``parent_run_id`` if given (MLflow's "mlflow.parentRunId" tag). The tags are :func:`run_tags`, :func:`process_tags`
+    (who runs it) and ``tags``. Before the run starts, runs of the experiment whose process died are marked KILLED
+    (:func:`mark_dead_runs`). With ``resume_run_id`` that run is reopened instead (refused with
+    :class:`RunInProgressError` while its process is alive): params it does not have yet are added (MLflow keeps a
+    param's first value; changed values go to the "resumed_with_changes" tag), ``config.json`` is replaced by ``config``
+    and the "resumed" tag counts the resumptions. The run ends FINISHED when the block completes. When it raises, the
+    run ends FAILED (KILLED on Ctrl-C) with the error in the "error" tag (its class and the start of its message) and
+    its traceback in ``error.txt``, and the exception propagates.
     """
     ensure_store(tracking_uri)
-    all_tags = {**run_tags(config), **(tags or {})}
+    client = mlflow.MlflowClient()
+    all_tags = {**run_tags(config), **process_tags(), **(tags or {})}
     params = flat_params(config)
     if resume_run_id is None:
-        run = mlflow.start_run(
-            experiment_id=experiment(config.data.dataset), run_name=run_name, tags=all_tags, parent_run_id=parent_run_id
-        )
+        experiment_id = experiment(config.data.dataset)
+        mark_dead_runs([experiment_id])
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=all_tags, parent_run_id=parent_run_id)
     else:
-        previous = mlflow.MlflowClient().get_run(resume_run_id)
+        check_not_running(resume_run_id)
+        mark_dead_runs([client.get_run(resume_run_id).info.experiment_id])
+        previous = client.get_run(resume_run_id)  # as marked, if it was
+        # This process's tags go on before the run is RUNNING again, so that no one sees it RUNNING under the old,
+        # dead process and marks it KILLED.
+        client.log_batch(resume_run_id, tags=[RunTag(key, value) for key, value in process_tags().items()])
         run = mlflow.start_run(run_id=resume_run_id)
         logged = previous.data.params
         changes = [f"{key}: {logged[key]} -> {value}" for key, value in params.items() if logged.get(key, value) != value]
@@ -211,8 +238,9 @@ def start_run(
         all_tags["resumed"] = str(int(previous.data.tags.get("resumed", "0")) + 1)
         if changes:
             all_tags["resumed_with_changes"] = "; ".join(changes)
-        if "error" in previous.data.tags:  # the error that interrupted it is history now (error.txt stays)
-            mlflow.delete_tag("error")
+        for stale in ("error", KILLED_TAG):  # what interrupted it is history now (error.txt stays)
+            if stale in previous.data.tags:
+                mlflow.delete_tag(stale)
         mlflow.set_tags(all_tags)
     try:
         mlflow.log_params(params)
@@ -265,6 +293,95 @@ def _http_retries(retries: int | None) -> Iterator[None]:
             os.environ[MLFLOW_HTTP_REQUEST_MAX_RETRIES.name] = previous
 
 
+# --- runs whose process died -----------------------------------------------------------------------------------------
+
+
+class RunInProgressError(RuntimeError):
+    """The run is RUNNING in a process that is still alive: it cannot be resumed by another one."""
+
+
+def process_tags() -> dict[str, str]:
+    """This host's name and this process's id and start time (seconds since the epoch), as run tags."""
+    me = psutil.Process()
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(me.pid), PROCESS_STARTED_TAG: f"{me.create_time():.3f}"}
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that :func:`process_tags` describes is still running: None when it cannot be told (another
+    host, or no process recorded). A process with the recorded id but another start time is a later one: not alive."""
+    if tags.get(HOST_TAG) != socket.gethostname() or PID_TAG not in tags or PROCESS_STARTED_TAG not in tags:
+        return None
+    try:
+        started = psutil.Process(int(tags[PID_TAG])).create_time()
+    except psutil.NoSuchProcess:  # a zombie (killed, not yet reaped by its parent) counts as gone too
+        return False
+    return abs(started - float(tags[PROCESS_STARTED_TAG])) < PROCESS_START_TOLERANCE_S
+
+
+def check_not_running(run_id: str) -> None:
+    """Raise :class:`RunInProgressError` if the run is RUNNING in a process that is alive; a run RUNNING on another
+    host, which cannot be checked from here, is reported on stderr and let through (its machine may be gone)."""
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.info.status != "RUNNING":
+        return
+    tags, run_id = run.data.tags, run.info.run_id
+    alive = process_alive(tags)
+    if alive:
+        raise RunInProgressError(
+            f"run {run_id} is still running in process {tags[PID_TAG]} on this host ({tags[HOST_TAG]}): "
+            "stop that process first, or wait for it to finish"
+        )
+    if alive is None and HOST_TAG in tags:
+        print(f"warning: run {run_id} is marked RUNNING by process {tags.get(PID_TAG)} on {tags[HOST_TAG]}, which "
+              "cannot be checked from here; resuming it anyway", file=sys.stderr, flush=True)
+
+
+def mark_dead_runs(experiment_ids: Sequence[str] | None = None) -> list[str]:
+    """Mark KILLED the RUNNING runs of these experiments (default: all of the store's) whose process (recorded by
+    :func:`process_tags`) is gone from this host, each with a "killed" tag saying what was found and how to resume it;
+    return their ids, and say so on stdout. Runs on other hosts, and runs without a recorded process, are left as they
+    are."""
+    client = mlflow.MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [found.experiment_id for found in mlflow.search_experiments()]  # every page
+    host = socket.gethostname()
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    killed, token = [], None
+    while True:
+        page = client.search_runs(list(experiment_ids), query, page_token=token)
+        for run in page:
+            if process_alive(run.data.tags) is not False:
+                continue
+            current = client.get_run(run.info.run_id)  # read again: it may have been resumed since the search
+            if current.info.status != "RUNNING" or process_alive(current.data.tags) is not False:
+                continue
+            tags = current.data.tags
+            how = (
+                f"resume it with: {tags[RESUME_COMMAND_TAG]}" if RESUME_COMMAND_TAG in tags
+                else "it cannot be resumed: run it again"
+            )
+            reason = f"process {tags[PID_TAG]} on {host} ended without closing this run; {how}"
+            client.set_tag(run.info.run_id, KILLED_TAG, reason)
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))  # end time: when found
+            print(f"run {run.info.run_id} marked KILLED: {reason}", flush=True)
+            killed.append(run.info.run_id)
+        token = page.token
+        if not token:
+            return killed
+
+
+def resume_command(run_id: str, tracking_uri: str | None = None) -> str:
+    """The shell command that continues training run ``run_id`` from its last checkpoint, from any directory.
+
+    It names the store when it is not the project's default (credentials in its URI masked: see :func:`redact`).
+    """
+    command = shlex.join([sys.executable, str(PROJECT_ROOT / "flows.py"), "train", "--resume", run_id])
+    uri = tracking_uri or default_tracking_uri()
+    if uri == _project_store_uri():
+        return command
+    return f"MLFLOW_TRACKING_URI={shlex.quote(redact(uri))} {command}"
+
+
 def run_config(run_id: str) -> RunConfig:
     """The resolved config a run was trained with, read back from its ``config.json``."""
     try:
@@ -274,13 +391,35 @@ def run_config(run_id: str) -> RunConfig:
     return validate(values)
 
 
-def download_checkpoint(run_id: str, directory: Path) -> Path:
-    """The latest training checkpoint of a run (see :class:`MLflowCallback`), downloaded into ``directory``."""
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CHECKPOINT_ARTIFACT, dst_path=str(directory))
-    except MlflowException as error:
-        raise FileNotFoundError(f"run {run_id} has no checkpoint to resume from ({error.message})") from None
-    return Path(local)
+def download_checkpoint(run_id: str, directory: Path) -> Path | None:
+    """The latest whole training checkpoint of a run (see :class:`MLflowCallback`), downloaded into ``directory``.
+
+    Both uploaded copies are downloaded and checked (:func:`vae.checkpoint.load_checkpoint`); the later epoch's whole
+    copy is used. Which one, and why the other was passed over, is printed. None, printing why, when no copy is whole
+    (a run killed in its first epoch has none): the run then trains again from the start.
+    """
+    whole, problems = [], []
+    for artifact in (CHECKPOINT_ARTIFACT, NEXT_CHECKPOINT_ARTIFACT):
+        into = directory / os.path.dirname(artifact)  # one folder each: MLflow puts a file under its bare name
+        into.mkdir(parents=True, exist_ok=True)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact, dst_path=str(into)))
+        except MlflowException as error:  # runs of earlier versions have no second copy
+            problems.append(f"{artifact} is not there ({error.message})")
+            continue
+        try:
+            whole.append((load_checkpoint(local)["epoch"], artifact == CHECKPOINT_ARTIFACT, artifact, local))
+        except ValueError as error:
+            problems.append(f"{artifact} is damaged, its upload cut short ({error})")
+    if not whole:
+        print(f"run {run_id} has no whole checkpoint ({'; '.join(problems)}): it trains again from the start", flush=True)
+        return None
+    epoch, _, artifact, local = max(whole)  # the later epoch; at equal epochs the usual name
+    passed_over = [problem for problem in problems if "is damaged" in problem]
+    passed_over += [f"{other} is of epoch {other_epoch}" for other_epoch, _, other, _ in whole if other_epoch < epoch]
+    note = f" ({'; '.join(passed_over)})" if passed_over else ""
+    print(f"resuming run {run_id} from the checkpoint of epoch {epoch}, {artifact}{note}", flush=True)
+    return local
 
 
 def record_error(run_id: str, error: BaseException) -> None:
@@ -326,11 +465,14 @@ def split_digest(content_digest: str, split: str, config: RunConfig) -> str:
 
 
 def log_dataset(prepared: PreparedData, config: RunConfig) -> None:
-    """The training, validation (if any) and test splits as dataset inputs of the active run.
+    """The training, validation (if any) and test splits as dataset inputs of the active run, unless it has them
+    already (a resumed run logged them when it first started, unless it was killed before).
 
     Each is named after the data set, has a :func:`split_digest` and its image count as profile, and points at where
     the data set is published. The run is also tagged with the full content digest ("dataset_digest").
     """
+    if mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id).inputs.dataset_inputs:
+        return
     source = HTTPDatasetSource(DATASETS[prepared.name].hosts[0])
     splits = {"training": prepared.train, "validation": prepared.validation, "test": prepared.test}
     contexts = [context for context, images in splits.items() if images is not None]
@@ -372,13 +514,16 @@ def _is_unique_key_violation(error: MlflowException) -> bool:
 
 
 class MLflowCallback(Callback):
-    """Logs each epoch's metrics, a grid of samples decoded from the same z and the checkpoint; at the end the grids'
-    GIF, the loss curves, and the epochs trained and minutes spent training (``epochs_trained``, ``train_minutes``).
+    """Logs each epoch's checkpoint, metrics and a grid of samples decoded from the same z; at the end the grids' GIF,
+    the loss curves, and the epochs trained and minutes spent training (``epochs_trained``, ``train_minutes``).
 
-    Metrics go to the active run at step = epoch, the grids as the "samples" image series (one per step), the
-    checkpoint (when the engine writes one, at ``checkpoint_path``) to ``checkpoint/checkpoint.pt``, replacing the
-    previous epoch's, so that an interrupted run can be resumed from wherever its artifacts are. A resumed run's GIF
-    starts from the grids its earlier epochs logged. The device training runs on becomes the "device" tag.
+    The checkpoint (when the engine writes one, at ``checkpoint_path``) goes first, to ``checkpoint/next/checkpoint.pt``
+    and then to ``checkpoint/checkpoint.pt``, replacing the previous epoch's, so that an interrupted run can be resumed
+    from wherever its artifacts are (:func:`download_checkpoint`). Then the metrics go to the active run at step = epoch
+    and the grid to the "samples" image series: whatever an epoch logged is covered by a checkpoint, so a resumed run
+    never logs an epoch twice. A resumed run logs first what its last checkpointed epoch did not get to log before the
+    interruption, and its GIF starts from the grids its earlier epochs logged. The device training runs on becomes the
+    "device" tag.
     """
 
     def __init__(self, *, checkpoint_path: Path | None = None, samples: int = SAMPLES, seed: int = 0):
@@ -388,17 +533,19 @@ class MLflowCallback(Callback):
 
     def on_fit_start(self, state: TrainingState) -> None:
         self.z = pictures.fixed_latents(self.samples, state.model.latent_dim, self.seed)
-        self.frames = _logged_frames(mlflow.active_run().info.run_id, state.epoch) if state.epoch else []
         mlflow.set_tag("device", str(state.device))
+        self.frames = []
+        if state.epoch:
+            run_id = mlflow.active_run().info.run_id
+            self.frames = _logged_frames(run_id, state.epoch)
+            self._log_what_the_interruption_cut_off(run_id, state)
 
     def on_epoch_end(self, state: TrainingState) -> None:
-        mlflow.log_metrics({**state.history[-1], "epoch_seconds": state.epoch_seconds[-1]}, step=state.epoch)
-        grid = pictures.prior_samples(state.model, self.z)
-        # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
-        mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
-        self.frames.append((state.epoch, grid))
         if self.checkpoint_path is not None and Path(self.checkpoint_path).exists():
-            mlflow.log_artifact(str(self.checkpoint_path), artifact_path=os.path.dirname(CHECKPOINT_ARTIFACT))
+            for artifact in (NEXT_CHECKPOINT_ARTIFACT, CHECKPOINT_ARTIFACT):
+                mlflow.log_artifact(str(self.checkpoint_path), artifact_path=os.path.dirname(artifact))
+        self._log_epoch(state, state.epoch)
+        self._log_grid(state)
 
     def on_fit_end(self, state: TrainingState) -> None:
         if self.frames:
@@ -410,9 +557,32 @@ class MLflowCallback(Callback):
         # What the leaderboard shows of training: epochs done and minutes spent in them, resumptions included.
         mlflow.log_metrics({"epochs_trained": state.epoch, "train_minutes": sum(state.epoch_seconds) / 60})
 
+    def _log_epoch(self, state: TrainingState, epoch: int) -> None:
+        mlflow.log_metrics({**state.history[epoch - 1], "epoch_seconds": state.epoch_seconds[epoch - 1]}, step=epoch)
+
+    def _log_grid(self, state: TrainingState) -> None:
+        """The grid of the model as it is now, at step ``state.epoch``."""
+        grid = pictures.prior_samples(state.model, self.z)
+        # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
+        mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
+        self.frames.append((state.epoch, grid))
+
+    def _log_what_the_interruption_cut_off(self, run_id: str, state: TrainingState) -> None:
+        """The metrics of checkpointed epochs that MLflow lacks, and the last one's grid (the model is that epoch's
+        now): a kill after an epoch's checkpoint upload and before its metrics or grid leaves them out."""
+        client = mlflow.MlflowClient()
+        names = [*state.history[-1], "epoch_seconds"]
+        logged = {name: {metric.step for metric in client.get_metric_history(run_id, name)} for name in names}
+        for epoch in range(1, state.epoch + 1):
+            if any(epoch not in steps for steps in logged.values()):
+                self._log_epoch(state, epoch)
+        if not self.frames or self.frames[-1][0] != state.epoch:
+            self._log_grid(state)
+
 
 def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]]:
-    """The sample grids a run logged for epochs 1 to ``last_epoch`` (the latest one of each epoch), in order."""
+    """The sample grids a run logged for epochs 1 to ``last_epoch`` (the latest one of each epoch), in order; a grid
+    whose upload was cut short is left out."""
     client = mlflow.MlflowClient()
     latest: dict[int, str] = {}
     for info in client.list_artifacts(run_id, "images"):  # images/samples+step+<n>+timestamp+<ms>+<uuid>.png
@@ -422,8 +592,11 @@ def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]
     with tempfile.TemporaryDirectory() as scratch:
         frames = []
         for epoch, path in sorted(latest.items()):
-            with Image.open(client.download_artifacts(run_id, path, scratch)) as image:
-                frames.append((epoch, image.copy()))
+            try:
+                with Image.open(client.download_artifacts(run_id, path, scratch)) as image:
+                    frames.append((epoch, image.copy()))
+            except OSError:  # a truncated PNG
+                continue
     return frames
 
 

@@ -3,6 +3,9 @@
 import asyncio
 import gzip
 import json
+import os
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +16,7 @@ from PIL import Image
 import flows
 from pipeline import cli, data, registry, tracking
 from pipeline.config import PRESETS, load_config
-from tests.conftest import LONG_TEST_SECONDS, TINY_CLASSIFIER, needs_data
+from tests.conftest import LONG_TEST_SECONDS, PROJECT_ROOT, TINY_CLASSIFIER, needs_data
 
 pytestmark = pytest.mark.usefixtures("prefect_server", "mlflow_store")
 
@@ -65,7 +68,7 @@ def test_the_training_flow_tracks_params_metrics_images_and_registers_a_model_th
 
     files = artifact_paths(client, outcome.run_id)
     assert [f for f in files if not f.startswith("images/")] == [
-        "checkpoint/checkpoint.pt", "config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png",
+        "checkpoint/checkpoint.pt", "checkpoint/next/checkpoint.pt", "config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png",
         "reconstructions.png", "samples/samples.gif",
     ]
     assert sorted(f.split("+")[2] for f in files if f.startswith("images/samples+") and f.endswith(".png")) == ["1", "2"]
@@ -256,6 +259,32 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run_to_the_result_of_an_u
     gif = Path(client.download_artifacts(resumed.run_id, "samples/samples.gif", str(tmp_path)))
     with Image.open(gif) as frames:
         assert frames.n_frames == 4
+
+
+@needs_data
+def test_the_run_id_and_resume_command_are_printed_and_recorded_before_any_work(capfd):
+    assert cli.main(["train", *(arg for key, value in SMALL.items() for arg in ("--set", f"{key}={json.dumps(value)}"))]) == 0
+    printed = "".join(capfd.readouterr())  # printed inside the flow, these lines are Prefect log lines, on stderr
+    (run,) = MlflowClient().search_runs([tracking.experiment("mnist")])
+    command = f"{sys.executable} {PROJECT_ROOT / 'flows.py'} train --resume {run.info.run_id}"  # the store is the default
+    announced = f"MLflow run {run.info.run_id} (experiment vae-mnist); if it is interrupted, resume it with:\n  {command}\n"
+    assert announced in printed
+    assert printed.index(announced) < printed.index("epoch 1/2: ")
+    assert run.data.tags["resume_command"] == command
+    assert (run.data.tags["process.host"], run.data.tags["process.pid"]) == (socket.gethostname(), str(os.getpid()))
+
+
+def test_resuming_a_run_whose_process_is_alive_is_refused_before_any_work(capsys):
+    tracking.ensure_store()
+    client = MlflowClient()
+    run_id = client.create_run(tracking.experiment("mnist"), tags=tracking.process_tags()).info.run_id  # RUNNING here
+    client.log_dict(run_id, small().model_dump(mode="json"), tracking.CONFIG_ARTIFACT)
+    assert cli.main(["train", "--resume", run_id]) == 2
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert capsys.readouterr().err == (
+        f"error: run {run_id} is still running in process {os.getpid()} on this host ({socket.gethostname()}): "
+        "stop that process first, or wait for it to finish\n"
+    )
 
 
 def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ def save_checkpoint(
             "best_model": state.best_model_state,
             "stopped_early": state.stopped_early,
         },
+        "intraop_threads": state.intraop_threads,
         "train_config": state.train_config.model_dump(mode="json"),
         "objective": state.objective.model_dump(mode="json"),
         "metadata": metadata or {},
@@ -59,8 +61,21 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """A checkpoint written by :func:`save_checkpoint`, read with ``weights_only=True``; a damaged file gets a clear
-    error."""
+    error.
+
+    Every record's CRC-32 is checked first (torch.load does not check them): a copy torn by a kill or a power cut, or
+    with a block of zeros where data should be, is refused instead of loading wrong numbers.
+    """
     path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
+    if damaged is not None:
+        raise ValueError(f"{path}: not a readable checkpoint (its record {damaged} does not match its CRC-32: damaged)")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
@@ -99,3 +114,6 @@ def restore_checkpoint(
     state.epochs_without_improvement = early["epochs_without_improvement"]
     state.best_model_state = early["best_model"]
     state.stopped_early = early["stopped_early"]
+    # The thread count the sums of every step were split over (see TrainingState); absent from checkpoints of earlier
+    # versions, which then resume with this process's.
+    state.intraop_threads = checkpoint.get("intraop_threads", state.intraop_threads)

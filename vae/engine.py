@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from vae.distributed import check_backend, from_rank_0, rank_and_world_size, res
 from vae.evaluate import evaluate_elbo
 from vae.objectives import elbo_terms, kl_weight, training_loss
 
+logger = logging.getLogger(__name__)
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
 VALIDATION_BATCH_SIZE = 1000
 VALIDATION_METRICS = ("elbo_nats", "reconstruction_nats", "kl_nats")  # evaluate_elbo's, which rank 0 shares
@@ -58,6 +60,9 @@ class TrainingState:
     epochs_without_improvement: int = 0
     best_model_state: dict[str, Tensor] | None = None
     stopped_early: bool = False
+    # How many threads torch splits each operation over. On the CPU a matrix product's sums are split over them, so the
+    # bits of every step depend on their number: the checkpoint records it and a resumed run trains with it again.
+    intraop_threads: int = field(default_factory=torch.get_num_threads)
 
 
 class Callback:
@@ -96,7 +101,9 @@ def fit(
 
     The data sets are moved to the training device once. After every epoch the validation ELBO is computed, a
     checkpoint is written atomically (with ``checkpoint_path``) and the callbacks run. ``resume_from`` continues a run
-    from its checkpoint and ends with the same parameters as an uninterrupted run. With early stopping the
+    from its checkpoint and ends with the same parameters as an uninterrupted run, bit for bit: it trains with the
+    number of intra-op threads the checkpoint recorded (a step's sums are split over them), and says so on the
+    ``vae.engine`` logger when this process would use another. With early stopping the
     parameters of the best validation epoch are restored at the end. ``metadata`` (plain values) is stored in the
     checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`.
 
@@ -121,39 +128,60 @@ def fit(
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
     if resume_from is not None:
         restore_checkpoint(state, Path(resume_from), shuffle_generator, noise_generator)
+        if state.intraop_threads != torch.get_num_threads():
+            logger.warning(
+                "resuming with %d intra-op threads, as the run was trained, instead of this process's %d: every step's "
+                "bits depend on the thread count", state.intraop_threads, torch.get_num_threads(),
+            )
     step_model = DistributedDataParallel(model) if world_size > 1 else model
     step_model = torch.compile(step_model) if config.compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     show_progress = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
     callbacks = list(callbacks) if rank == 0 else []
 
-    for callback in callbacks:
-        callback.on_fit_start(state)
-    for epoch in range(state.epoch + 1, config.epochs + 1):
-        if state.stopped_early:
-            break
-        started = time.perf_counter()
-        metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
-        state.epoch_seconds.append(time.perf_counter() - started)
-        if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
-            val = None
-            if rank == 0:
-                val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            shared = from_rank_0(val, VALIDATION_METRICS, device)
-            metrics.update({f"val_{name}": value for name, value in shared.items()})
-        state.epoch = epoch
-        state.history.append(metrics)
-        if validation is not None:
-            _track_best(state, metrics["val_elbo_nats"])
-        if checkpoint_path is not None and rank == 0:
-            save_checkpoint(Path(checkpoint_path), state, shuffle_generator, noise_generator, metadata)
+    with intraop_threads(state.intraop_threads):
         for callback in callbacks:
-            callback.on_epoch_end(state)
-    if config.early_stopping_patience is not None and state.best_model_state is not None:
-        model.load_state_dict(state.best_model_state)
-    for callback in callbacks:
-        callback.on_fit_end(state)
+            callback.on_fit_start(state)
+        for epoch in range(state.epoch + 1, config.epochs + 1):
+            if state.stopped_early:
+                break
+            started = time.perf_counter()
+            metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
+            state.epoch_seconds.append(time.perf_counter() - started)
+            if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
+                val = None
+                if rank == 0:
+                    val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
+                shared = from_rank_0(val, VALIDATION_METRICS, device)
+                metrics.update({f"val_{name}": value for name, value in shared.items()})
+            state.epoch = epoch
+            state.history.append(metrics)
+            if validation is not None:
+                _track_best(state, metrics["val_elbo_nats"])
+            if checkpoint_path is not None and rank == 0:
+                save_checkpoint(Path(checkpoint_path), state, shuffle_generator, noise_generator, metadata)
+            for callback in callbacks:
+                callback.on_epoch_end(state)
+        if config.early_stopping_patience is not None and state.best_model_state is not None:
+            model.load_state_dict(state.best_model_state)
+        for callback in callbacks:
+            callback.on_fit_end(state)
     return state
+
+
+@contextlib.contextmanager
+def intraop_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``count`` inside the block and put back after it.
+
+    Set even when it is already ``count``: torch.set_num_threads also turns off MKL's dynamic choice of a thread count
+    per call, so that a resumed run splits its sums exactly as the run it continues.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _train_epoch(

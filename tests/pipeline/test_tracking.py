@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
+import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -465,3 +469,237 @@ def test_runs_logging_the_same_dataset_through_an_mlflow_server_at_the_same_mome
     with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
         collisions = log_at_once_while_the_write_lock_is_held(server.url, database, ROUNDS)
     assert collisions > 0
+
+
+# --- runs whose process died ----------------------------------------------------------------------------------------
+
+
+def running_run(experiment_id: str, **tags: str) -> str:
+    """A run left RUNNING with these tags, as a process that died without closing it leaves it."""
+    return MlflowClient().create_run(experiment_id, tags=tags).info.run_id
+
+
+def a_killed_process() -> dict[str, str]:
+    """The process tags of a real process that was started, then killed with SIGKILL (and reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    started = psutil.Process(child.pid).create_time()
+    child.kill()
+    child.wait()
+    return {tracking.HOST_TAG: socket.gethostname(), tracking.PID_TAG: str(child.pid), tracking.PROCESS_STARTED_TAG: f"{started:.3f}"}
+
+
+def test_a_run_records_the_host_id_and_start_time_of_its_process(store):
+    with start_run(tiny_config()) as run:
+        pass
+    tags = MlflowClient().get_run(run.info.run_id).data.tags
+    started = f"{psutil.Process().create_time():.3f}"
+    assert {key: tags[key] for key in ("process.host", "process.pid", "process.started")} == {
+        "process.host": socket.gethostname(), "process.pid": str(os.getpid()), "process.started": started,
+    }
+
+
+def test_starting_a_run_marks_killed_the_runs_whose_process_is_gone_and_leaves_the_others(store):
+    ensure_store()
+    mnist = experiment("mnist")
+    me = tracking.process_tags()
+    dead = a_killed_process()
+    command = tracking.resume_command("abc")
+    killed = running_run(mnist, **dead, resume_command=command)
+    killed_unresumable = running_run(mnist, **dead)
+    pid_reused = running_run(mnist, **{**me, "process.started": f"{float(me['process.started']) - 100:.3f}"})
+    alive = running_run(mnist, **me)
+    elsewhere = running_run(mnist, **{**dead, "process.host": "another-host"})
+    unknown = running_run(mnist)
+    other_experiment = running_run(experiment("fashion-mnist"), **dead)
+
+    with start_run(tiny_config()):
+        pass
+    client = MlflowClient()
+    status = {run_id: client.get_run(run_id).info.status for run_id in (killed, killed_unresumable, pid_reused, alive, elsewhere, unknown, other_experiment)}
+    assert status == {
+        killed: "KILLED", killed_unresumable: "KILLED", pid_reused: "KILLED",
+        alive: "RUNNING", elsewhere: "RUNNING", unknown: "RUNNING", other_experiment: "RUNNING",
+    }
+    host = socket.gethostname()
+    assert client.get_run(killed).data.tags["killed"] == (
+        f"process {dead['process.pid']} on {host} ended without closing this run; resume it with: {command}"
+    )
+    assert client.get_run(killed_unresumable).data.tags["killed"] == (
+        f"process {dead['process.pid']} on {host} ended without closing this run; it cannot be resumed: run it again"
+    )
+    assert client.get_run(killed).info.end_time >= client.get_run(killed).info.start_time
+    assert "killed" not in client.get_run(alive).data.tags
+
+
+def test_resuming_a_run_whose_process_is_alive_is_refused_and_leaves_it_running(store):
+    ensure_store()
+    run_id = running_run(experiment("mnist"), **tracking.process_tags())
+    with pytest.raises(tracking.RunInProgressError, match=(
+        rf"run {run_id} is still running in process {os.getpid()} on this host \({socket.gethostname()}\): "
+        "stop that process first, or wait for it to finish"
+    )):
+        with start_run(tiny_config(), resume_run_id=run_id):
+            pass
+    assert MlflowClient().get_run(run_id).info.status == "RUNNING"
+
+
+def test_resuming_a_run_whose_process_is_gone_reopens_it_under_this_process(store):
+    ensure_store()
+    run_id = running_run(experiment("mnist"), **a_killed_process())
+    with start_run(tiny_config(), resume_run_id=run_id):
+        reopened = MlflowClient().get_run(run_id)
+    assert reopened.info.status == "RUNNING"
+    assert {key: reopened.data.tags[key] for key in tracking.process_tags()} == tracking.process_tags()
+    assert "killed" not in reopened.data.tags and reopened.data.tags["resumed"] == "1"
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_the_resume_command_names_a_store_other_than_the_default_without_its_password(store):
+    flows_py = PROJECT_ROOT / "flows.py"
+    assert tracking.resume_command("abc", store) == f"{sys.executable} {flows_py} train --resume abc"
+    assert tracking.resume_command("abc", "http://ann:s3cret@tracking.example:5000") == (
+        f"MLFLOW_TRACKING_URI='http://***@tracking.example:5000' {sys.executable} {flows_py} train --resume abc"
+    )
+    assert tracking.resume_command("abc", "postgresql://ann:s3cret@db.example/mlflow") == (
+        f"MLFLOW_TRACKING_URI='postgresql://***@db.example/mlflow' {sys.executable} {flows_py} train --resume abc"
+    )
+
+
+# --- checkpoints in MLflow, and what a kill in the middle of logging an epoch leaves ----------------------------------
+
+
+class PowerCut(Exception):
+    """Stands for a kill or a power cut at one point of logging an epoch."""
+
+
+def train_with_checkpoints(config: RunConfig, scratch: Path, *, resume_run_id: str | None = None, keep: Path | None = None) -> str:
+    """A tracked run of ``config`` with a checkpoint every epoch, as the flow does it (resumed if asked); with ``keep``
+    a copy of each epoch's local checkpoint goes to ``keep/epoch-<n>.pt``. Returns the run id."""
+    _, prepared = tiny_data(config)
+    checkpoint = scratch / "checkpoint.pt"
+
+    class Keep(MLflowCallback.__base__):
+        def on_epoch_end(self, state):
+            if keep is not None:
+                keep.mkdir(exist_ok=True)
+                (keep / f"epoch-{state.epoch}.pt").write_bytes(checkpoint.read_bytes())
+
+    with start_run(config, resume_run_id=resume_run_id) as run:
+        if resume_run_id is not None:
+            checkpoint = tracking.download_checkpoint(resume_run_id, scratch)
+        fit(build_model(config.model, seed=0), prepared.train, prepared.validation, config.objective, config.train,
+            callbacks=[MLflowCallback(checkpoint_path=checkpoint), Keep()], checkpoint_path=checkpoint,
+            resume_from=checkpoint if resume_run_id is not None else None, progress=False)
+    return run.info.run_id
+
+
+def artifact_file(run_id: str, path: str) -> Path:
+    """Where a run's artifact lives in the local store (to damage it as a cut upload would)."""
+    return Path(MlflowClient().get_run(run_id).info.artifact_uri.removeprefix("file://")) / path
+
+
+def tear(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_every_epoch_uploads_its_checkpoint_twice_first_to_next(store, tmp_path):
+    run_id = train_with_checkpoints(tiny_config(), tmp_path)
+    files = artifact_paths(MlflowClient(), run_id)
+    assert [f for f in files if f.startswith("checkpoint/")] == ["checkpoint/checkpoint.pt", "checkpoint/next/checkpoint.pt"]
+    assert artifact_file(run_id, "checkpoint/checkpoint.pt").read_bytes() == artifact_file(run_id, "checkpoint/next/checkpoint.pt").read_bytes()
+
+
+def test_a_checkpoint_torn_during_its_upload_is_passed_over_for_the_whole_copy(store, tmp_path, capsys):
+    run_id = train_with_checkpoints(tiny_config(), tmp_path / "train", keep=tmp_path / "kept")
+    # A kill during the second upload of epoch 2: the first copy is whole.
+    tear(artifact_file(run_id, "checkpoint/checkpoint.pt"))
+    local = tracking.download_checkpoint(run_id, tmp_path / "one")
+    assert local.read_bytes() == (tmp_path / "kept" / "epoch-2.pt").read_bytes()
+    damaged = capsys.readouterr().out
+    assert damaged.startswith(
+        f"resuming run {run_id} from the checkpoint of epoch 2, checkpoint/next/checkpoint.pt "
+        "(checkpoint/checkpoint.pt is damaged, its upload cut short ("
+    )
+    # A kill during the first upload of epoch 2: the usual copy still holds epoch 1.
+    artifact_file(run_id, "checkpoint/checkpoint.pt").write_bytes((tmp_path / "kept" / "epoch-1.pt").read_bytes())
+    tear(artifact_file(run_id, "checkpoint/next/checkpoint.pt"))
+    local = tracking.download_checkpoint(run_id, tmp_path / "two")
+    assert local.read_bytes() == (tmp_path / "kept" / "epoch-1.pt").read_bytes()
+    assert capsys.readouterr().out.startswith(
+        f"resuming run {run_id} from the checkpoint of epoch 1, checkpoint/checkpoint.pt "
+        "(checkpoint/next/checkpoint.pt is damaged, its upload cut short ("
+    )
+    # Both whole, the first copy one epoch ahead (a kill between the two uploads): the later epoch wins.
+    artifact_file(run_id, "checkpoint/next/checkpoint.pt").write_bytes((tmp_path / "kept" / "epoch-2.pt").read_bytes())
+    local = tracking.download_checkpoint(run_id, tmp_path / "three")
+    assert local.read_bytes() == (tmp_path / "kept" / "epoch-2.pt").read_bytes()
+    assert capsys.readouterr().out == (
+        f"resuming run {run_id} from the checkpoint of epoch 2, checkpoint/next/checkpoint.pt "
+        "(checkpoint/checkpoint.pt is of epoch 1)\n"
+    )
+
+
+def test_a_run_without_a_whole_checkpoint_says_so_and_is_trained_from_the_start(store, tmp_path, capsys):
+    run_id = train_with_checkpoints(tiny_config(), tmp_path)
+    tear(artifact_file(run_id, "checkpoint/checkpoint.pt"))
+    artifact_file(run_id, "checkpoint/next/checkpoint.pt").write_bytes(b"")
+    assert tracking.download_checkpoint(run_id, tmp_path / "download") is None
+    assert re.fullmatch(
+        rf"run {run_id} has no whole checkpoint \(checkpoint/checkpoint.pt is damaged, its upload cut short \(.*\); "
+        r"checkpoint/next/checkpoint.pt is damaged, its upload cut short \(.*\)\): it trains again from the start\n",
+        capsys.readouterr().out,
+    )
+    with start_run(tiny_config()) as run:  # killed in its first epoch: nothing uploaded yet
+        pass
+    assert tracking.download_checkpoint(run.info.run_id, tmp_path / "none") is None
+    assert capsys.readouterr().out.startswith(
+        f"run {run.info.run_id} has no whole checkpoint (checkpoint/checkpoint.pt is not there ("
+    )
+
+
+def test_a_resumed_run_logs_its_dataset_inputs_only_if_it_has_none(store):
+    config = tiny_config()
+    _, prepared = tiny_data(config)
+    with start_run(config) as run:
+        log_dataset(prepared, config)
+    with start_run(config, resume_run_id=run.info.run_id):
+        log_dataset(prepared, config)
+    assert len(MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs) == 3
+    with start_run(config) as killed_before_logging_them:
+        pass
+    with start_run(config, resume_run_id=killed_before_logging_them.info.run_id):
+        log_dataset(prepared, config)
+    assert len(MlflowClient().get_run(killed_before_logging_them.info.run_id).inputs.dataset_inputs) == 3
+
+
+@pytest.mark.parametrize("cut", ["before the metrics", "before the grid"])
+def test_a_resumed_run_logs_what_a_kill_after_the_checkpoint_upload_cut_off_and_nothing_twice(store, tmp_path, cut, monkeypatch):
+    config = tiny_config(**{"train.epochs": 3})
+    uninterrupted = train_with_checkpoints(config, tmp_path / "uninterrupted")
+    log_epoch, log_grid = MLflowCallback._log_epoch, MLflowCallback._log_grid
+
+    def cut_epoch_2(original, step_name):
+        def logged(callback, state, *args):
+            if state.epoch == 2 and cut == step_name:
+                raise PowerCut(cut)
+            return original(callback, state, *args)
+        return logged
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MLflowCallback, "_log_epoch", cut_epoch_2(log_epoch, "before the metrics"))
+        patch.setattr(MLflowCallback, "_log_grid", cut_epoch_2(log_grid, "before the grid"))
+        with pytest.raises(PowerCut):
+            train_with_checkpoints(config, tmp_path / "killed")
+    (killed,) = [run.info.run_id for run in MlflowClient().search_runs([experiment("mnist")]) if run.info.status == "FAILED"]
+    resumed = train_with_checkpoints(config, tmp_path / "resumed", resume_run_id=killed)
+
+    client = MlflowClient()
+    for name in ("train_loss", "train_elbo_nats", "train_kl_nats", "kl_weight", "val_elbo_nats", "epoch_seconds"):
+        history = [(m.step, m.value) for m in client.get_metric_history(resumed, name)]
+        assert [step for step, _ in history] == [1, 2, 3], name
+        if name != "epoch_seconds":
+            assert history == [(m.step, m.value) for m in client.get_metric_history(uninterrupted, name)], name
+    grids = sorted(int(path.split("+")[2]) for path in artifact_paths(client, resumed) if path.startswith("images/samples+") and path.endswith(".png"))
+    assert grids == [1, 2, 3]
+    with Image.open(client.download_artifacts(resumed, "samples/samples.gif", str(tmp_path))) as gif:
+        assert gif.n_frames == 3

@@ -89,6 +89,53 @@ def test_resuming_from_a_checkpoint_ends_with_the_parameters_of_an_uninterrupted
     assert load_checkpoint(checkpoint)["epoch"] == 3
 
 
+FULL_SIZE = ModelConfig()  # 784-400-20: its output layer's input gradient, a sum over 784 pixels, is split over threads
+
+
+@pytest.fixture
+def threads():
+    """Set torch's intra-op thread count for a test; the count the test started with is put back after it."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def test_a_resumed_run_trains_with_the_thread_count_it_was_trained_with_and_ends_bit_identical(tmp_path, threads, caplog):
+    def fit_full_size(**kwargs):
+        model = build_model(FULL_SIZE, seed=3)
+        state = fit(model, TRAIN, VALIDATION, OBJECTIVE, train_config(epochs=2, batch_size=128), progress=False, **kwargs)
+        return model, state
+
+    threads(2)
+    uninterrupted, full = fit_full_size()
+
+    class Interrupt(Callback):
+        def on_epoch_end(self, state):
+            if state.epoch == 1:
+                raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit_full_size(checkpoint_path=checkpoint, callbacks=[Interrupt()])
+    threads(1)  # the process that resumes would split the sums otherwise
+    with caplog.at_level("WARNING", logger="vae.engine"):
+        resumed, state = fit_full_size(checkpoint_path=tmp_path / "resumed.pt", resume_from=checkpoint)
+    assert_same_parameters(resumed, uninterrupted)
+    assert state.history == full.history
+    assert caplog.messages == [
+        "resuming with 2 intra-op threads, as the run was trained, instead of this process's 1: every step's bits "
+        "depend on the thread count"
+    ]
+    assert torch.get_num_threads() == 1  # put back after training
+    assert load_checkpoint(checkpoint)["intraop_threads"] == 2
+
+    # Why: the same resume with the sums split over one thread ends elsewhere.
+    one_thread = torch.load(checkpoint, weights_only=True) | {"intraop_threads": 1}
+    torch.save(one_thread, tmp_path / "one-thread.pt")
+    elsewhere, _ = fit_full_size(resume_from=tmp_path / "one-thread.pt")
+    assert any(not torch.equal(p, q) for p, q in zip(elsewhere.parameters(), uninterrupted.parameters()))
+
+
 def test_a_run_can_be_extended_by_resuming_with_more_epochs(tmp_path):
     checkpoint = tmp_path / "checkpoint.pt"
     run(train_config(epochs=2), checkpoint_path=checkpoint)
