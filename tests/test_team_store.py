@@ -82,9 +82,9 @@ def logged_model(tmp_path: Path) -> tuple[str, str]:
     """A tiny model logged in a run of the current store: its model URI and run id."""
     client = MlflowClient()
     experiment = client.create_experiment(f"registry-{uuid.uuid4().hex[:6]}", artifact_location=None if mlflow.get_tracking_uri().startswith("http") else (tmp_path / "artifacts").as_uri())
-    model = build_model(ModelConfig(hidden_dims=(8,), latent_dim=2), seed=0)
+    config = ModelConfig(hidden_dims=(8,), latent_dim=2)
     with mlflow.start_run(experiment_id=experiment) as run:
-        uri = registry.log_model(model, torch.zeros(2, 1, 28, 28))
+        uri = registry.log_model(build_model(config, seed=0), config, torch.zeros(2, 1, 28, 28))
     return uri, run.info.run_id
 
 

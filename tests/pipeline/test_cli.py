@@ -52,7 +52,7 @@ def registered(mlflow_store):
     model = build_model(ModelConfig(hidden_dims=(16,), latent_dim=2), seed=0)
     config = load_config("default")
     with mlflow.start_run(experiment_id=MlflowClient().create_experiment("runs")) as run:
-        uri = log_model(model, torch.rand(2, 1, 28, 28))
+        uri = log_model(model, ModelConfig(hidden_dims=(16,), latent_dim=2), torch.rand(2, 1, 28, 28))
         mlflow.log_metrics({"epochs_trained": 4, "train_minutes": 1.5})
     for nll in (90.0, 88.0, 89.5):
         metrics = {"test_nll_nats": nll, "test_elbo_nats": -nll - 5, "test_bits_per_dim": nll / 543.43}
