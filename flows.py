@@ -30,7 +30,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.tasks import exponential_backoff
 from prefect_dask import DaskTaskRunner
 
-from pipeline import artifacts, data, registry, sweep, tracking, training
+from pipeline import artifacts, data, registry, sweep, tracking, training, tutorials
 from pipeline.config import PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides
 from vae.engine import NonFiniteLossError, process_group, resolve_device
 
@@ -75,6 +75,7 @@ class TrainingOutcome:
     alias: str | None
     promotion_reason: str | None
     model_uri: str | None = None  # None when the model was not logged
+    tutorial_figures: dict[str, float] | None = None  # the last epoch's figures in the tutorial's unit, if any
 
 
 @flow(name="train-vae", log_prints=True)
@@ -124,7 +125,8 @@ def tracked_training(
             checkpoint = Path(scratch) / "checkpoint.pt"
             if resume_run_id is not None:
                 checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch))
-            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), training.EpochReport()]
+            report = training.EpochReport(extra=tutorials.figure_names(config))
+            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), report]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
             )
@@ -147,13 +149,20 @@ def tracked_training(
         alias=decision.alias if decision else None,
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
+        tutorial_figures={name: state.history[-1][name] for name in tutorials.figure_names(config) if state.history and name in state.history[-1]},
     )
+
+
+def run_notes(config: RunConfig) -> list[str]:
+    """What a reader of this run's test metrics should know: why its nats are not published likelihoods, and whether
+    its test set was held out."""
+    return [note for note in (training.likelihood_note(config), training.held_out_note(config)) if note]
 
 
 def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
     """The flow run's report: test metrics, the MLflow run and how to open it, and the registry outcome."""
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in outcome.metrics.items())
-    note = training.likelihood_note(config)
+    note = "; ".join(run_notes(config))
     if outcome.version is None:
         registry_text = "Not registered (`registry.enabled` is false)."
     else:
@@ -336,13 +345,15 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
     print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
     if "test_nll_nats" in metrics:
         print(f"  test NLL (IWAE) {metrics['test_nll_nats']:9.2f} nats  ({metrics['test_bits_per_dim']:.4f} bits/dim, k={config.eval.iwae_samples})")
-    if note := training.likelihood_note(config):
+    for note in run_notes(config):
         print(f"  note            {note}")
 
 
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
     _print_metrics(config, outcome.metrics)
+    for name, value in (outcome.tutorial_figures or {}).items():
+        print(f"  {name:<15} {value:9.2f}      (epoch {outcome.epochs_trained}, in the tutorial's unit)")
     print(f"  MLflow run      {outcome.run_id} (experiment vae-{config.data.dataset}, store {outcome.tracking_uri})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
 
 TRAIN_IMAGES = 60_000  # both data sets
+TEST_IMAGES = 10_000
 
 
 class ConfigError(ValueError):
@@ -30,6 +31,9 @@ class DataConfig(BaseModel):
     split_seed: int = 0
     binarization_seed: int = 0
     train_subset: int | None = Field(None, gt=0)  # keep only this many training images (quick runs, tests)
+    # "train+test": train on the test images too, as the Keras conv VAE example does (70k images). The test metrics
+    # are then not held out: such a run never competes with held-out ones for champion.
+    training_images: Literal["train", "train+test"] = "train"
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
 
 
@@ -40,6 +44,22 @@ class RegistryConfig(BaseModel):
 
     enabled: bool = True
     promotion_margin_nats: float = Field(0.0, ge=0)
+
+
+# The figure each tutorial reports, logged per epoch under this name in the tutorial's own unit (pipeline/tutorials.py
+# defines each): "tf_loss" (A: the epoch's mean of the batch loss, with tf_reconstruction_loss and tf_kl_loss),
+# "tutorial_loss" (B: the same, as its "Loss" line), "keras_loss" (C: Keras' printed epoch loss, with
+# keras_reconstruction_loss and keras_kl_loss), "tf_test_elbo" (D: the test set's one-sample ELBO) and
+# "matlab_test_elbo_loss" (E: the test set's "ELBO loss", 0.5 * squared error + KL).
+TutorialMetric = Literal["none", "tf_loss", "tutorial_loss", "keras_loss", "tf_test_elbo", "matlab_test_elbo_loss"]
+
+
+class TutorialConfig(BaseModel):
+    """Which tutorial's figure a run logs per epoch next to the nats, computed as that tutorial computes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: TutorialMetric = "none"
 
 
 class RunConfig(BaseModel):
@@ -54,13 +74,23 @@ class RunConfig(BaseModel):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    tutorial: TutorialConfig = TutorialConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
-        if self.data.train_subset is not None and self.data.train_subset > TRAIN_IMAGES - self.data.validation_size:
+        available = TRAIN_IMAGES - self.data.validation_size
+        if self.data.training_images == "train+test":
+            available += TEST_IMAGES
+        if self.data.train_subset is not None and self.data.train_subset > available:
             raise ValueError(
-                f"data.train_subset ({self.data.train_subset}) exceeds the {TRAIN_IMAGES - self.data.validation_size} "
+                f"data.train_subset ({self.data.train_subset}) exceeds the {available} "
                 "training images left after the validation split"
+            )
+        images = available if self.data.train_subset is None else self.data.train_subset
+        if self.train.drop_last and images < self.train.batch_size:
+            raise ValueError(
+                f"train.drop_last leaves no step: {images} training images are fewer than train.batch_size "
+                f"({self.train.batch_size})"
             )
         if self.train.early_stopping_patience is not None and self.data.validation_size == 0:
             raise ValueError("train.early_stopping_patience needs a validation set: set data.validation_size > 0")
@@ -76,42 +106,52 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "epochs": 10, "early_stopping_patience": 5},
         "eval": {"iwae_samples": 1000},
     },
-    "tf-fashion-mlp": {  # A: TensorFlow 2 / Keras subclassed MLP VAE on Fashion-MNIST
+    "tf-fashion-mlp": {  # A: TensorFlow 2 / Keras subclassed MLP VAE on Fashion-MNIST (Keras' Adam epsilon)
         "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
         "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 10, "init": "glorot_uniform"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 100, "seed": 22},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "epsilon": 1e-7, "batch_size": 512, "epochs": 100, "seed": 22},
+        "tutorial": {"metric": "tf_loss"},
     },
     "vae-tutorial-mlp": {  # B: "Tutorial on VAEs" MLP on MNIST (TensorFlow 1 and PyTorch)
-        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
+        # The old TF loader's 55k training images (5k held out) in full batches of 64: 859 steps an epoch, so 117
+        # epochs are the PyTorch listing's 100,000 iterations (100,503).
+        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 5_000},
         "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 100, "init": "kaiming_normal"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "epochs": 20},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "drop_last": True, "epochs": 117},
+        "tutorial": {"metric": "tutorial_loss"},
     },
-    "keras-conv-fashion": {  # C: Keras example conv VAE with a 2-D latent, on Fashion-MNIST
-        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
+    "keras-conv-fashion": {  # C: Keras example conv VAE with a 2-D latent, on Fashion-MNIST train + test (70k)
+        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0, "training_images": "train+test"},
         "model": {
             "architecture": "conv", "latent_dim": 2, "conv_channels": [32, 64], "conv_padding": "same",
             "conv_dense_dim": 16, "decoder_start_channels": 64, "decoder_channels": [64, 32], "init": "glorot_uniform",
+            "padding_convention": "tensorflow",
         },
-        "train": {"optimizer": "rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+        "train": {"optimizer": "keras_rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+        "tutorial": {"metric": "keras_loss"},
     },
     "tf-cvae-mnist": {  # D: TensorFlow 2 CVAE tutorial on threshold-binarized MNIST, Monte Carlo KL
         "data": {"dataset": "mnist", "binarization": "threshold", "validation_size": 0},
         "model": {
             "architecture": "conv", "latent_dim": 50, "conv_channels": [32, 64], "conv_padding": "valid",
             "decoder_start_channels": 32, "decoder_channels": [64, 32], "init": "glorot_uniform",
+            "padding_convention": "tensorflow",
         },
         "objective": {"kl": "monte_carlo"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 100, "epochs": 100},
+        "train": {"optimizer": "adam", "learning_rate": 1e-4, "epsilon": 1e-7, "batch_size": 100, "epochs": 100},
+        "tutorial": {"metric": "tf_test_elbo"},
     },
     "matlab-conv-mnist": {  # E: MATLAB Deep Learning Toolbox conv VAE on grayscale MNIST, Gaussian (MSE) likelihood
+        # The example never shuffles and drops the last partial batch: the same 117 batches of 512 every epoch.
         "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
         "model": {
             "architecture": "conv", "latent_dim": 20, "conv_channels": [32, 64], "conv_padding": "same",
             "decoder_projection": "transposed_conv", "decoder_start_channels": 64, "decoder_channels": [64, 32],
-            "init": "glorot_uniform",
+            "init": "glorot_uniform", "padding_convention": "matlab",
         },
         "objective": {"likelihood": "gaussian", "gaussian_std": 1.0},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50, "shuffle": False, "drop_last": True},
+        "tutorial": {"metric": "matlab_test_elbo_loss"},
     },
 }
 

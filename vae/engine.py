@@ -22,6 +22,7 @@ from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
 from vae.evaluate import evaluate_elbo
 from vae.objectives import elbo_terms, kl_weight
+from vae.optimizers import KerasRMSprop
 
 CHECKPOINT_FORMAT = 1
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
@@ -59,12 +60,20 @@ class TrainingState:
     epochs_without_improvement: int = 0
     best_model_state: dict[str, Tensor] | None = None
     stopped_early: bool = False
+    # The last epoch's per-step batch means, [steps, 3]: loss, reconstruction and KL (nats). For callbacks that
+    # report per-batch averages as some tutorials print them; not checkpointed.
+    batch_means: Tensor | None = None
 
 
 class Callback:
     """Hooks called by :func:`fit`; override the ones you need."""
 
     def on_fit_start(self, state: TrainingState) -> None: ...
+
+    def on_epoch_metrics(self, state: TrainingState) -> dict[str, float]:
+        """Further metrics of the epoch just trained (``state.epoch``), such as a test-set figure; they join its
+        history entry before the checkpoint is written and ``on_epoch_end`` runs. Kept out of the epoch's seconds."""
+        return {}
 
     def on_epoch_end(self, state: TrainingState) -> None: ...
 
@@ -111,12 +120,30 @@ def process_group() -> Iterator[tuple[int, int]]:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over the model's parameters."""
     if config.optimizer == "adam":
         # The fused kernel updates all parameters in one pass: on a CPU about 10x faster than the default loop.
         fused = next(model.parameters()).device.type in ("cpu", "cuda")
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused or None)
+        eps = 1e-8 if config.epsilon is None else config.epsilon
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=eps, fused=fused or None)
     # Keras' RMSprop defaults (rho 0.9, eps 1e-7), which the Keras example trains with.
-    return torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, alpha=0.9, eps=1e-7)
+    eps = 1e-7 if config.epsilon is None else config.epsilon
+    if config.optimizer == "keras_rmsprop":
+        return KerasRMSprop(model.parameters(), lr=config.learning_rate, rho=0.9, eps=eps)
+    return torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, alpha=0.9, eps=eps)
+
+
+def epoch_order(images: int, config: TrainConfig, generator: torch.Generator) -> Tensor:
+    """The order an epoch visits the training images in (batch i is positions i * batch_size onwards): a new random
+    permutation drawn with ``generator``, or, without ``shuffle``, the set's own order (nothing drawn)."""
+    if config.shuffle:
+        return torch.randperm(images, generator=generator)
+    return torch.arange(images)
+
+
+def steps_per_epoch(images: int, config: TrainConfig) -> int:
+    """Optimizer steps in an epoch of ``images``: every batch, or only the full ones with ``drop_last``."""
+    return images // config.batch_size if config.drop_last else math.ceil(images / config.batch_size)
 
 
 def fit(
@@ -159,6 +186,8 @@ def fit(
     validation = validation.to(device) if validation is not None else None
     if config.early_stopping_patience is not None and validation is None:
         raise ValueError("early_stopping_patience needs a validation set (validation_size > 0)")
+    if steps_per_epoch(len(train), config) == 0:
+        raise ValueError(f"drop_last leaves no step: {len(train)} training images is less than batch_size {config.batch_size}")
     shuffle_generator = torch.Generator().manual_seed(config.seed)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
@@ -176,7 +205,9 @@ def fit(
         if state.stopped_early:
             break
         started = time.perf_counter()
-        metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
+        metrics, state.batch_means = _train_epoch(
+            state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress
+        )
         state.epoch_seconds.append(time.perf_counter() - started)
         if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
             val = None
@@ -184,6 +215,8 @@ def fit(
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
             metrics.update({f"val_{name}": value for name, value in _from_rank_0(val).items()})
         state.epoch = epoch
+        for callback in callbacks:
+            metrics.update(callback.on_epoch_metrics(state))
         state.history.append(metrics)
         if validation is not None:
             _track_best(state, metrics["val_elbo_nats"])
@@ -207,13 +240,15 @@ def _train_epoch(
     noise_generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
     show_progress: bool,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Tensor]:
+    """One epoch; its metrics (means per image, and ``train_loss``, the mean of the steps' losses) and the steps'
+    batch means of loss, reconstruction and KL, [steps, 3]."""
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
     rank, world_size = _rank_and_world_size()
-    n = len(train)
-    steps = math.ceil(n / config.batch_size)
-    order = torch.randperm(n, generator=shuffle_generator).to(state.device)
-    losses = torch.empty(steps, device=state.device)
+    steps = steps_per_epoch(len(train), config)
+    n = steps * config.batch_size if config.drop_last else len(train)  # images seen this epoch
+    order = epoch_order(len(train), config, shuffle_generator).to(state.device)
+    losses = torch.empty(steps, 3, device=state.device)  # per step: loss, reconstruction and KL batch means
     totals = torch.zeros(2, device=state.device)  # summed reconstruction and KL, nats
     weighted_kl = 0.0
     checked = 0  # how many steps' losses have been checked (and, with several processes, averaged over them)
@@ -234,30 +269,33 @@ def _train_epoch(
         # DDP averages the gradients of the processes; each one's sum weighted by world_size / batch size makes that
         # the gradient of the mean over the whole batch, also when the shards differ by an image (the last batch).
         # In one process this is the batch mean, bit for bit.
-        loss = (terms.reconstruction + weight * terms.kl).sum() / (len(index) / world_size)
+        share = len(index) / world_size
+        loss = (terms.reconstruction + weight * terms.kl).sum() / share
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
         optimizer.step()
-        losses[step] = loss.detach()
-        totals += torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
+        sums = torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
+        totals += sums
+        losses[step, 0] = loss.detach()
+        losses[step, 1:] = sums / share
         weighted_kl += weight * len(index)
         if (step + 1) % CHECK_EVERY_STEPS == 0 or step + 1 == steps:
             _sum_over_processes(losses[checked : step + 1]).div_(world_size)
             checked = step + 1
-            _check_finite(losses[: step + 1], epoch)
-            bar.set_postfix(loss=f"{losses[step].item():.2f}", refresh=False)
+            _check_finite(losses[: step + 1, 0], epoch)
+            bar.set_postfix(loss=f"{losses[step, 0].item():.2f}", refresh=False)
             bar.update(step + 1 - bar.n)
     bar.close()
     reconstruction, kl = (_sum_over_processes(totals) / n).tolist()
     return {
-        "train_loss": losses.mean().item(),
+        "train_loss": losses[:, 0].mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
         "train_reconstruction_nats": reconstruction,
         "train_kl_nats": kl,
         "kl_weight": weighted_kl / n,
-    }
+    }, losses
 
 
 def _rank_and_world_size() -> tuple[int, int]:
