@@ -37,6 +37,12 @@ class DataConfig(BaseModel):
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
 
 
+def training_image_count(data: DataConfig) -> int:
+    """How many images a run with these data settings trains on (both data sets have 60k training, 10k test images)."""
+    count = TRAIN_IMAGES - data.validation_size + (TEST_IMAGES if data.training_images == "train+test" else 0)
+    return count if data.train_subset is None else min(count, data.train_subset)
+
+
 class RegistryConfig(BaseModel):
     """Whether the trained model is registered, and by how much it must beat the champion to replace it."""
 
@@ -78,15 +84,13 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
-        available = TRAIN_IMAGES - self.data.validation_size
-        if self.data.training_images == "train+test":
-            available += TEST_IMAGES
+        available = training_image_count(self.data.model_copy(update={"train_subset": None}))
         if self.data.train_subset is not None and self.data.train_subset > available:
             raise ValueError(
                 f"data.train_subset ({self.data.train_subset}) exceeds the {available} "
                 "training images left after the validation split"
             )
-        images = available if self.data.train_subset is None else self.data.train_subset
+        images = training_image_count(self.data)
         if self.train.drop_last and images < self.train.batch_size:
             raise ValueError(
                 f"train.drop_last leaves no step: {images} training images are fewer than train.batch_size "

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import data, tracking
+from pipeline import data, tracking, tutorials
 from pipeline.config import PRESETS, load_config
 from tests.conftest import needs_mirror
 
@@ -151,8 +151,10 @@ def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
 
 @needs_mirror
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
-    quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
+def test_every_preset_runs_one_epoch_through_the_command_line_and_logs_its_tutorials_figure(preset, capsys):
+    config = load_config(preset)
+    images = config.train.batch_size if config.train.drop_last else 256  # at least one full batch
+    quick = ["--epochs", "1", "--device", "cpu", "--set", f"data.train_subset={images}", "--set", "eval.iwae_samples=2"]
     if PRESETS[preset]["data"].get("validation_size", 10_000):
         quick += ["--set", "data.validation_size=500"]
     assert flows.main(["train", "--preset", preset, *quick]) == 0
@@ -160,7 +162,10 @@ def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     assert f"{preset} on {PRESETS[preset]['data']['dataset']}: 1 epochs" in printed
     assert "registered      models:/vae-" in printed
     (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
-    assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(load_config(preset).model.hidden_dims)
+    assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(config.model.hidden_dims)
+    for name in tutorials.figure_names(config):  # in the tutorial's unit, at step 1, beside the nats
+        assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, name)] == [1], name
+        assert f"  {name} " in printed
 
 
 async def prepare_task_states(flow_run_id) -> list[str]:
