@@ -93,3 +93,9 @@ def held_out_note(config: RunConfig) -> str:
     if config.data.training_images == "train+test":
         return "trained on the test images too (data.training_images = train+test): the test metrics are not held out"
     return ""
+
+
+def run_notes(config: RunConfig) -> list[str]:
+    """What a reader of this run's test metrics should know: why its nats are not published likelihoods, and whether
+    its test set was held out."""
+    return [note for note in (likelihood_note(config), held_out_note(config)) if note]

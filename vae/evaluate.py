@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -12,7 +10,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from vae.config import ObjectiveConfig
 from vae.data import ImageSet
-from vae.models import VAE
+from vae.models import VAE, eval_mode
 from vae.objectives import elbo_terms, log_standard_normal, reconstruction_nll
 
 # The IWAE noise of a batch is drawn in blocks of this many samples, whatever the chunk size, so that the noise of
@@ -34,7 +32,7 @@ def evaluate_elbo(
     _check_inputs(model, data)
     generator = torch.Generator(device=data.device).manual_seed(seed)
     reconstruction, kl = _mean_metric(data.device), _mean_metric(data.device)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             terms = elbo_terms(x, model(x, generator=generator), objective)
@@ -71,7 +69,7 @@ def iwae_bound(
     generator = torch.Generator(device=data.device).manual_seed(seed)
     bound = _mean_metric(data.device)
     log_k = math.log(samples)
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             mu, logvar = model.encode(x)
@@ -132,18 +130,6 @@ def _mean_metric(device: torch.device) -> MeanMetric:
     metric = MeanMetric(nan_strategy="disable", sync_on_compute=False).to(device)
     # Sum in float64 where the device has it (MPS does not).
     return metric.set_dtype(torch.float32 if device.type == "mps" else torch.float64)
-
-
-@contextmanager
-def _eval_mode(model: VAE) -> Iterator[None]:
-    """The model in eval mode, each submodule's training flag put back afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _check_positive(**arguments: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -84,6 +86,18 @@ class ServingVAE(VAE):
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
         return self.reconstruct(x)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, each submodule's training flag put back afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE:

@@ -70,6 +70,18 @@ def elbo_terms(x: Tensor, output: VAEOutput, config: ObjectiveConfig) -> ElboTer
     )
 
 
+def training_loss(terms: ElboTerms, weight: float, images: float | None = None) -> Tensor:
+    """The loss a training step minimizes: the negative ELBO with its KL term weighted, (reconstruction + weight * KL)
+    summed over the batch and divided by ``images`` (default: the batch size, so the batch mean in nats).
+
+    With ``weight`` 1 this is the negative ELBO per image; :func:`kl_weight` gives beta, ramped over any warm-up.
+    Training spread over processes divides each process's sum by the whole batch's share per process (see
+    :func:`vae.engine.fit`).
+    """
+    per_image = terms.reconstruction + weight * terms.kl
+    return per_image.sum() / (len(per_image) if images is None else images)
+
+
 def kl_weight(config: ObjectiveConfig, progress_epochs: float) -> float:
     """beta, ramped linearly from 0 over the first ``kl_warmup_epochs`` (progress counted in fractional epochs)."""
     if config.kl_warmup_epochs <= 0:

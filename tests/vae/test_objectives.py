@@ -7,7 +7,7 @@ import torch
 
 from vae.config import ObjectiveConfig
 from vae.models import VAEOutput
-from vae.objectives import elbo_terms, kl_divergence, kl_weight, log_normal, reconstruction_nll
+from vae.objectives import ElboTerms, elbo_terms, kl_divergence, kl_weight, log_normal, reconstruction_nll, training_loss
 
 generator = torch.Generator().manual_seed(0)
 X = torch.bernoulli(torch.full((3, 1, 28, 28), 0.3), generator=generator)
@@ -69,3 +69,11 @@ def test_kl_weight_ramps_linearly_over_the_warm_up_then_stays_at_beta():
     config = ObjectiveConfig(beta=2.0, kl_warmup_epochs=4)
     assert [kl_weight(config, e) for e in (0, 1, 2, 4, 10)] == [0.0, 0.5, 1.0, 2.0, 2.0]
     assert kl_weight(ObjectiveConfig(beta=0.5), 0) == 0.5
+
+
+def test_the_training_loss_is_the_batch_mean_of_reconstruction_plus_weighted_kl():
+    terms = ElboTerms(reconstruction=torch.tensor([1.0, 2.0]), kl=torch.tensor([3.0, 5.0]))
+
+    assert training_loss(terms, weight=1.0).item() == (1.0 + 3.0 + 2.0 + 5.0) / 2  # the negative ELBO per image
+    assert training_loss(terms, weight=0.5).item() == (1.0 + 1.5 + 2.0 + 2.5) / 2
+    assert training_loss(terms, weight=0.5, images=4).item() == (1.0 + 1.5 + 2.0 + 2.5) / 4  # a shard of 4 images
