@@ -37,7 +37,7 @@ from prefect.futures import PrefectFuture
 from prefect.schedules import Cron, Schedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline import data, registry, sample_quality, sweep, tracking, training
+from pipeline import data, registry, sample_quality, sweep, tracking, training, tutorials
 from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
 from pipeline.redaction import redact
 
@@ -80,6 +80,7 @@ class TrainingOutcome:
     alias: str | None
     promotion_reason: str | None
     model_uri: str | None = None  # None when the model was not logged
+    tutorial_figures: dict[str, float] | None = None  # the last epoch's figures in the tutorial's unit, if any
 
 
 @flow(name="train-vae", log_prints=True)
@@ -130,7 +131,8 @@ def tracked_training(
             checkpoint = Path(scratch) / "checkpoint.pt"
             if resume_run_id is not None:  # without a whole checkpoint (killed in its first epoch) it starts over
                 checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch)) or checkpoint
-            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), training.EpochReport()]
+            report = training.EpochReport(extra=tutorials.figure_names(config))
+            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), report]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
             )
@@ -157,6 +159,7 @@ def tracked_training(
         alias=decision.alias if decision else None,
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
+        tutorial_figures={name: state.history[-1][name] for name in tutorials.figure_names(config) if state.history and name in state.history[-1]},
     )
 
 
@@ -172,7 +175,7 @@ def announce_run(run_id: str, config: RunConfig, tracking_uri: str) -> None:
 def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
     """The flow run's report: test metrics, the MLflow run and how to open it, and the registry outcome."""
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in outcome.metrics.items())
-    note = training.likelihood_note(config)
+    note = "; ".join(training.run_notes(config))
     address = tracking.ui_url(outcome.experiment_id, outcome.run_id, tracking_uri=outcome.tracking_uri)
     local = not outcome.tracking_uri.startswith(("http://", "https://"))
     ui_link = f"[open it in the MLflow UI]({address})" + (" once `python flows.py ui` serves the store" if local else "")

@@ -58,7 +58,7 @@ def _checked_device(config: RunConfig) -> None:
 
 
 def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
-    from pipeline.training import likelihood_note
+    from pipeline.training import run_notes
 
     print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
     if "test_nll_nats" in metrics:
@@ -66,13 +66,15 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
     if "test_fid" in metrics:
         print(f"  FID (samples)   {metrics['test_fid']:9.2f}       (reconstructions {metrics['test_reconstruction_fid']:.2f}, "
               f"{metrics['test_reconstruction_accuracy']:.2%} of them classified as their image)")
-    if note := likelihood_note(config):
+    for note in run_notes(config):
         print(f"  note            {note}")
 
 
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
     _print_metrics(config, outcome.metrics)
+    for name, value in (outcome.tutorial_figures or {}).items():
+        print(f"  {name} {value:.2f} (epoch {outcome.epochs_trained}, in the tutorial's unit)")
     print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {redact(outcome.tracking_uri)})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")

@@ -14,6 +14,7 @@ from vae.config import ClassifierConfig, EvalConfig, ModelConfig, ObjectiveConfi
 
 TRAIN_IMAGES = 60_000  # both data sets
 MAX_PROMOTION_MARGIN_NATS = 1e6
+TEST_IMAGES = 10_000
 LOCAL_WORKERS = 2  # `flows.py sweep`: processes of the local Dask cluster, one trial at a time each
 DEFAULT_RETRAINING_CRON = "0 3 * * 1"  # `flows.py serve`: Mondays at 03:00
 
@@ -34,7 +35,16 @@ class DataConfig(BaseModel):
     binarization_seed: Seed = 0
     # Keep only this many training images (quick runs, tests).
     train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES)
+    # "train+test": train on the test images too, as the Keras conv VAE example does (70k images). The test metrics
+    # are then not held out: such a run never competes with held-out ones for champion.
+    training_images: Literal["train", "train+test"] = "train"
     cache_dir: Path | None = None  # default: $VAE_DATA_DIR, else the user's cache directory
+
+
+def training_image_count(data: DataConfig) -> int:
+    """How many images a run with these data settings trains on (both data sets have 60k training, 10k test images)."""
+    count = TRAIN_IMAGES - data.validation_size + (TEST_IMAGES if data.training_images == "train+test" else 0)
+    return count if data.train_subset is None else min(count, data.train_subset)
 
 
 class RegistryConfig(BaseModel):
@@ -44,6 +54,22 @@ class RegistryConfig(BaseModel):
 
     enabled: bool = True
     promotion_margin_nats: float = Field(0.0, ge=0, le=MAX_PROMOTION_MARGIN_NATS)
+
+
+# The figure each tutorial reports, logged per epoch under this name in the tutorial's own unit (pipeline/tutorials.py
+# defines each): "tf_loss" (A: the epoch's mean of the batch loss, with tf_reconstruction_loss and tf_kl_loss),
+# "tutorial_loss" (B: the same, as its "Loss" line), "keras_loss" (C: Keras' printed epoch loss, with
+# keras_reconstruction_loss and keras_kl_loss), "tf_test_elbo" (D: the test set's one-sample ELBO) and
+# "matlab_test_elbo_loss" (E: the test set's "ELBO loss", 0.5 * squared error + KL).
+TutorialMetric = Literal["none", "tf_loss", "tutorial_loss", "keras_loss", "tf_test_elbo", "matlab_test_elbo_loss"]
+
+
+class TutorialConfig(BaseModel):
+    """Which tutorial's figure a run logs per epoch next to the nats, computed as that tutorial computes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: TutorialMetric = "none"
 
 
 class RunConfig(BaseModel):
@@ -59,13 +85,21 @@ class RunConfig(BaseModel):
     eval: EvalConfig = EvalConfig()
     classifier: ClassifierConfig = ClassifierConfig()  # the recipe of the data set's classifier, which FID uses
     registry: RegistryConfig = RegistryConfig()
+    tutorial: TutorialConfig = TutorialConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
-        if self.data.train_subset is not None and self.data.train_subset > TRAIN_IMAGES - self.data.validation_size:
+        available = training_image_count(self.data.model_copy(update={"train_subset": None}))
+        if self.data.train_subset is not None and self.data.train_subset > available:
             raise ValueError(
-                f"data.train_subset ({self.data.train_subset}) exceeds the {TRAIN_IMAGES - self.data.validation_size} "
+                f"data.train_subset ({self.data.train_subset}) exceeds the {available} "
                 "training images left after the validation split"
+            )
+        images = training_image_count(self.data)
+        if self.train.drop_last and images < self.train.batch_size:
+            raise ValueError(
+                f"train.drop_last leaves no step: {images} training images are fewer than train.batch_size "
+                f"({self.train.batch_size})"
             )
         if self.train.early_stopping_patience is not None and self.data.validation_size == 0:
             raise ValueError("train.early_stopping_patience needs a validation set: set data.validation_size > 0")
@@ -91,42 +125,52 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 128, "epochs": 10, "early_stopping_patience": 5},
         "eval": {"iwae_samples": 1000},
     },
-    "tf-fashion-mlp": {  # A: TensorFlow 2 / Keras subclassed MLP VAE on Fashion-MNIST
+    "tf-fashion-mlp": {  # A: TensorFlow 2 / Keras subclassed MLP VAE on Fashion-MNIST (Keras' Adam epsilon)
         "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
         "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 10, "init": "glorot_uniform"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 100, "seed": 22},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "epsilon": 1e-7, "batch_size": 512, "epochs": 100, "seed": 22},
+        "tutorial": {"metric": "tf_loss"},
     },
     "vae-tutorial-mlp": {  # B: "Tutorial on VAEs" MLP on MNIST (TensorFlow 1 and PyTorch)
-        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
+        # The old TF loader's 55k training images (5k held out) in full batches of 64: 859 steps an epoch, so 117
+        # epochs are the PyTorch listing's 100,000 iterations (100,503).
+        "data": {"dataset": "mnist", "binarization": "none", "validation_size": 5_000},
         "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 100, "init": "kaiming_normal"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "epochs": 20},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 64, "drop_last": True, "epochs": 117},
+        "tutorial": {"metric": "tutorial_loss"},
     },
-    "keras-conv-fashion": {  # C: Keras example conv VAE with a 2-D latent, on Fashion-MNIST
-        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0},
+    "keras-conv-fashion": {  # C: Keras example conv VAE with a 2-D latent, on Fashion-MNIST train + test (70k)
+        "data": {"dataset": "fashion-mnist", "binarization": "none", "validation_size": 0, "training_images": "train+test"},
         "model": {
             "architecture": "conv", "latent_dim": 2, "conv_channels": [32, 64], "conv_padding": "same",
             "conv_dense_dim": 16, "decoder_start_channels": 64, "decoder_channels": [64, 32], "init": "glorot_uniform",
+            "padding_convention": "tensorflow",
         },
-        "train": {"optimizer": "rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+        "train": {"optimizer": "keras_rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+        "tutorial": {"metric": "keras_loss"},
     },
     "tf-cvae-mnist": {  # D: TensorFlow 2 CVAE tutorial on threshold-binarized MNIST, Monte Carlo KL
         "data": {"dataset": "mnist", "binarization": "threshold", "validation_size": 0},
         "model": {
             "architecture": "conv", "latent_dim": 50, "conv_channels": [32, 64], "conv_padding": "valid",
             "decoder_start_channels": 32, "decoder_channels": [64, 32], "init": "glorot_uniform",
+            "padding_convention": "tensorflow",
         },
         "objective": {"kl": "monte_carlo"},
-        "train": {"optimizer": "adam", "learning_rate": 1e-4, "batch_size": 100, "epochs": 100},
+        "train": {"optimizer": "adam", "learning_rate": 1e-4, "epsilon": 1e-7, "batch_size": 100, "epochs": 100},
+        "tutorial": {"metric": "tf_test_elbo"},
     },
     "matlab-conv-mnist": {  # E: MATLAB Deep Learning Toolbox conv VAE on grayscale MNIST, Gaussian (MSE) likelihood
+        # The example never shuffles and drops the last partial batch: the same 117 batches of 512 every epoch.
         "data": {"dataset": "mnist", "binarization": "none", "validation_size": 0},
         "model": {
             "architecture": "conv", "latent_dim": 20, "conv_channels": [32, 64], "conv_padding": "same",
             "decoder_projection": "transposed_conv", "decoder_start_channels": 64, "decoder_channels": [64, 32],
-            "init": "glorot_uniform",
+            "init": "glorot_uniform", "padding_convention": "matlab",
         },
         "objective": {"likelihood": "gaussian", "gaussian_std": 1.0},
-        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50},
+        "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50, "shuffle": False, "drop_last": True},
+        "tutorial": {"metric": "matlab_test_elbo_loss"},
     },
 }
 
@@ -136,8 +180,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Two runs' test numbers compare only when they score the same test images in the same way: these fields decide.
 # The first ones fix the test images (the published files are fixed by the data set; tracking digests the test split
 # from them), the rest what is measured on them.
+# Training on the test images (data.training_images) makes the test numbers not held out, so it decides too.
 TEST_IMAGE_FIELDS = ("data.dataset", "data.binarization", "data.binarization_seed")
-SCORE_FIELDS = (*TEST_IMAGE_FIELDS, "objective.likelihood", "objective.gaussian_std", "eval.iwae_samples", "eval.seed")
+SCORE_FIELDS = (
+    *TEST_IMAGE_FIELDS, "data.training_images", "objective.likelihood", "objective.gaussian_std", "eval.iwae_samples",
+    "eval.seed",
+)
+# Fields that join a comparable_on record only away from these defaults, so that records made before the field
+# existed (on registered versions) still compare with new ones.
+_RECORDED_WHEN_CHANGED = {"data.training_images": "train"}
 
 
 def experiment_name(dataset: str) -> str:
@@ -156,23 +207,28 @@ def model_name(config: RunConfig) -> str:
 
     "vae-mnist" is dynamically binarized MNIST under a Bernoulli likelihood, as published likelihoods are measured;
     other families say how they differ: "vae-mnist-threshold", "vae-fashion-mnist-grayscale",
-    "vae-mnist-grayscale-gaussian".
+    "vae-mnist-grayscale-gaussian", and "-train-test" when the test images were trained on.
     """
     parts = [experiment_name(config.data.dataset)]
     if config.data.binarization != "dynamic":
         parts.append("grayscale" if config.data.binarization == "none" else config.data.binarization)
     if config.objective.likelihood != "bernoulli":
         parts.append(config.objective.likelihood)
+    if config.data.training_images == "train+test":  # test numbers not held out: a family of its own
+        parts.append("train-test")
     return "-".join(parts)
 
 
 def comparable_on(config: RunConfig) -> dict[str, Any]:
-    """The values of :data:`SCORE_FIELDS` in ``config``: runs whose test numbers compare have equal ones."""
-    return {field: _dotted(config, field) for field in SCORE_FIELDS}
+    """The values of :data:`SCORE_FIELDS` in ``config``: runs whose test numbers compare have equal ones (a field of
+    :data:`_RECORDED_WHEN_CHANGED` only when it is not at its default)."""
+    values = {field: _dotted(config, field) for field in SCORE_FIELDS}
+    return {field: value for field, value in values.items() if _RECORDED_WHEN_CHANGED.get(field, object()) != value}
 
 
 def comparability_changes(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
     """What makes two :func:`comparable_on` records differ, as "field: theirs -> ours" (empty when they compare)."""
+    ours, theirs = dict(_RECORDED_WHEN_CHANGED) | dict(ours), dict(_RECORDED_WHEN_CHANGED) | dict(theirs)
     return [
         f"{field}: {theirs.get(field)!r} -> {ours.get(field)!r}"
         for field in dict.fromkeys([*theirs, *ours])

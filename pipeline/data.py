@@ -263,24 +263,31 @@ def prepare(
     binarization: Binarization = "dynamic",
     binarization_seed: int = 0,
     train_subset: int | None = None,
+    train_on_test: bool = False,
 ) -> PreparedData:
     """Split a validation set off the training set at random (with ``split_seed``) and binarize every set.
 
-    ``train_subset`` keeps the first images of the remaining training set, which is in random order. The training set
-    is binarized with ``binarization_seed``; the validation and test sets with seeds one and two above it, and under
-    "dynamic" binarization once and for all, so that their metrics compare across runs.
+    With ``train_on_test`` the test images follow the remaining training images in the training set (the test set
+    stays the test images, no longer held out). ``train_subset`` keeps the first images of that training set, whose
+    training images are in random order. The training set is binarized with ``binarization_seed``; the validation and
+    test sets with seeds one and two above it, and under "dynamic" binarization once and for all, so that their
+    metrics compare across runs.
     """
     count = len(raw.train_images)
     if not 0 <= validation_size < count:
         raise ValueError(f"validation_size must be in [0, {count}) for {raw.name}, got {validation_size}")
     order = torch.randperm(count, generator=torch.Generator().manual_seed(split_seed))
     validation_index, train_index = order[:validation_size], order[validation_size:]
+    train_images, train_labels = raw.train_images[train_index], raw.train_labels[train_index]
+    if train_on_test:
+        train_images, train_labels = torch.cat((train_images, raw.test_images)), torch.cat((train_labels, raw.test_labels))
     if train_subset is not None:
-        if not 0 < train_subset <= len(train_index):
-            limit = f"[1, {len(train_index)}] for {raw.name} with validation_size={validation_size}"
+        if not 0 < train_subset <= len(train_images):
+            test = " and the test images" if train_on_test else ""
+            limit = f"[1, {len(train_images)}] for {raw.name} with validation_size={validation_size}{test}"
             raise ValueError(f"train_subset must be in {limit}, got {train_subset}")
-        train_index = train_index[:train_subset]
-    train = binarize(raw.train_images[train_index], raw.train_labels[train_index], binarization, binarization_seed)
+        train_images, train_labels = train_images[:train_subset], train_labels[:train_subset]
+    train = binarize(train_images, train_labels, binarization, binarization_seed)
     validation = None
     if validation_size:
         images, labels = raw.train_images[validation_index], raw.train_labels[validation_index]
@@ -298,6 +305,7 @@ def prepare_configured(config: DataConfig, files: Mapping[str, Path]) -> Prepare
         binarization=config.binarization,
         binarization_seed=config.binarization_seed,
         train_subset=config.train_subset,
+        train_on_test=config.training_images == "train+test",
     )
 
 

@@ -65,7 +65,7 @@ KILLED_TAG = "killed"  # on a run marked KILLED because its process was gone: wh
 
 # Which settings of the data section shape each split, besides the published files (their content digest).
 SPLIT_SETTINGS = {
-    "training": ("validation_size", "split_seed", "train_subset", "binarization", "binarization_seed"),
+    "training": ("validation_size", "split_seed", "train_subset", "binarization", "binarization_seed", "training_images"),
     "validation": ("validation_size", "split_seed", "binarization", "binarization_seed"),
     "test": tuple(field.removeprefix("data.") for field in TEST_IMAGE_FIELDS if field != "data.dataset"),
 }
@@ -460,6 +460,8 @@ def split_digest(content_digest: str, split: str, config: RunConfig) -> str:
     Equal digests mean equal images: the same published files, split and binarized the same way.
     """
     settings = {name: getattr(config.data, name) for name in SPLIT_SETTINGS[split]}
+    if settings.get("training_images") == "train":  # the default keeps the digests runs had before the setting
+        del settings["training_images"]
     shaped = hashlib.sha256(json.dumps({"split": split, **settings}, sort_keys=True).encode()).hexdigest()
     return f"{content_digest[:8]}-{shaped[:8]}"
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import cli, data, registry, tracking
+from pipeline import cli, data, registry, tracking, tutorials
 from pipeline.config import PRESETS, load_config
 from tests.conftest import LONG_TEST_SECONDS, PROJECT_ROOT, TINY_CLASSIFIER, needs_data
 
@@ -183,8 +183,10 @@ def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
 @pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
 @pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
-    quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
+def test_every_preset_runs_one_epoch_through_the_command_line_and_logs_its_tutorials_figure(preset, capsys):
+    config = load_config(preset)
+    images = config.train.batch_size if config.train.drop_last else 256  # at least one full batch
+    quick = ["--epochs", "1", "--device", "cpu", "--set", f"data.train_subset={images}", "--set", "eval.iwae_samples=2"]
     quick += [arg for name, value in TINY_CLASSIFIER.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
     if PRESETS[preset]["data"].get("validation_size", 10_000):
         quick += ["--set", "data.validation_size=500"]
@@ -194,7 +196,10 @@ def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     assert "  FID (samples)   " in printed
     assert "registered      models:/vae-" in printed
     (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
-    assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(load_config(preset).model.hidden_dims)
+    assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(config.model.hidden_dims)
+    for name in tutorials.figure_names(config):  # in the tutorial's unit, at step 1, beside the nats
+        assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, name)] == [1], name
+        assert f"  {name} " in printed
 
 
 async def task_runs_of(flow_run_id) -> list[tuple[str, str, int]]:

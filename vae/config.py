@@ -53,6 +53,11 @@ class ModelConfig(_Settings):
     decoder_start_channels: Channels = 64
     decoder_channels: tuple[Channels, ...] = Field((64, 32), max_length=MAX_HIDDEN_LAYERS)
     init: Literal["pytorch", "glorot_uniform", "kaiming_normal"] = "pytorch"
+    # Where a "same" convolution pads, and a transposed one crops, the odd pixel of a stride-2 layer: "pytorch" on
+    # both sides (pad 1 each side, crop the first row and column); "tensorflow" (and Keras) at the bottom and right
+    # only; "matlab" pads at the bottom and right like TensorFlow but crops the first row and column like PyTorch.
+    # Parameter counts are equal; the pixel grids of encoder and decoder are shifted by one.
+    padding_convention: Literal["pytorch", "tensorflow", "matlab"] = "pytorch"
 
     @model_validator(mode="after")
     def _check_sizes(self) -> ModelConfig:
@@ -79,10 +84,15 @@ class ObjectiveConfig(_Settings):
 class TrainConfig(_Settings):
     """The optimizer and the loop: how long, how fast, where, and when to stop."""
 
-    optimizer: Literal["adam", "rmsprop"] = "adam"
+    # "rmsprop" is PyTorch's update (epsilon added to the root) with Keras' rho and epsilon; "keras_rmsprop" is Keras'
+    # own update, epsilon inside the root: w -= lr * g / sqrt(v + epsilon).
+    optimizer: Literal["adam", "rmsprop", "keras_rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)  # no upper bound: a diverging rate is a legitimate (failing) experiment
+    epsilon: float | None = Field(None, gt=0, le=1.0)  # None: the optimizer's own (Adam 1e-8, both RMSprops Keras' 1e-7)
     batch_size: int = Field(128, gt=0, le=MAX_BATCH_SIZE)
     epochs: int = Field(10, gt=0, le=MAX_EPOCHS)
+    shuffle: bool = True  # a new order of the training set every epoch; False: the set's own order every epoch
+    drop_last: bool = False  # skip the last, smaller batch of an epoch (steps = images // batch_size)
     grad_clip_norm: float | None = Field(None, gt=0)
     early_stopping_patience: int | None = Field(None, gt=0, le=MAX_EPOCHS)
     seed: Seed = 0

@@ -22,6 +22,7 @@ from vae.data import ImageSet
 from vae.distributed import check_backend, from_rank_0, rank_and_world_size, resolve_device, sum_over_processes
 from vae.evaluate import evaluate_elbo
 from vae.objectives import elbo_terms, kl_weight, training_loss
+from vae.optimizers import KerasRMSprop
 
 logger = logging.getLogger(__name__)
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
@@ -63,6 +64,9 @@ class TrainingState:
     # How many threads torch splits each operation over. On the CPU a matrix product's sums are split over them, so the
     # bits of every step depend on their number: the checkpoint records it and a resumed run trains with it again.
     intraop_threads: int = field(default_factory=torch.get_num_threads)
+    # The last epoch's per-step batch means, [steps, 3]: loss, reconstruction and KL (nats). For callbacks that
+    # report per-batch averages as some tutorials print them; not checkpointed.
+    batch_means: Tensor | None = None
 
 
 class Callback:
@@ -70,18 +74,41 @@ class Callback:
 
     def on_fit_start(self, state: TrainingState) -> None: ...
 
+    def on_epoch_metrics(self, state: TrainingState) -> dict[str, float]:
+        """Further metrics of the epoch just trained (``state.epoch``), such as a test-set figure; they join its
+        history entry before the checkpoint is written and ``on_epoch_end`` runs. Kept out of the epoch's seconds."""
+        return {}
+
     def on_epoch_end(self, state: TrainingState) -> None: ...
 
     def on_fit_end(self, state: TrainingState) -> None: ...
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over the model's parameters."""
     if config.optimizer == "adam":
         # The fused kernel updates all parameters in one pass: on a CPU about 10x faster than the default loop.
         fused = next(model.parameters()).device.type in ("cpu", "cuda")
-        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=fused or None)
+        eps = 1e-8 if config.epsilon is None else config.epsilon
+        return torch.optim.Adam(model.parameters(), lr=config.learning_rate, eps=eps, fused=fused or None)
     # Keras' RMSprop defaults (rho 0.9, eps 1e-7), which the Keras example trains with.
-    return torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, alpha=0.9, eps=1e-7)
+    eps = 1e-7 if config.epsilon is None else config.epsilon
+    if config.optimizer == "keras_rmsprop":
+        return KerasRMSprop(model.parameters(), lr=config.learning_rate, rho=0.9, eps=eps)
+    return torch.optim.RMSprop(model.parameters(), lr=config.learning_rate, alpha=0.9, eps=eps)
+
+
+def epoch_order(images: int, config: TrainConfig, generator: torch.Generator) -> Tensor:
+    """The order an epoch visits the training images in (batch i is positions i * batch_size onwards): a new random
+    permutation drawn with ``generator``, or, without ``shuffle``, the set's own order (nothing drawn)."""
+    if config.shuffle:
+        return torch.randperm(images, generator=generator)
+    return torch.arange(images)
+
+
+def steps_per_epoch(images: int, config: TrainConfig) -> int:
+    """Optimizer steps in an epoch of ``images``: every batch, or only the full ones with ``drop_last``."""
+    return images // config.batch_size if config.drop_last else math.ceil(images / config.batch_size)
 
 
 def fit(
@@ -123,6 +150,8 @@ def fit(
     validation = validation.to(device) if validation is not None else None
     if config.early_stopping_patience is not None and validation is None:
         raise ValueError("early_stopping_patience needs a validation set (validation_size > 0)")
+    if steps_per_epoch(len(train), config) == 0:
+        raise ValueError(f"drop_last leaves no step: {len(train)} training images is less than batch_size {config.batch_size}")
     shuffle_generator = torch.Generator().manual_seed(config.seed)
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
@@ -146,7 +175,9 @@ def fit(
             if state.stopped_early:
                 break
             started = time.perf_counter()
-            metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
+            metrics, state.batch_means = _train_epoch(
+                state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress
+            )
             state.epoch_seconds.append(time.perf_counter() - started)
             if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
                 val = None
@@ -155,6 +186,8 @@ def fit(
                 shared = from_rank_0(val, VALIDATION_METRICS, device)
                 metrics.update({f"val_{name}": value for name, value in shared.items()})
             state.epoch = epoch
+            for callback in callbacks:
+                metrics.update(callback.on_epoch_metrics(state))
             state.history.append(metrics)
             if validation is not None:
                 _track_best(state, metrics["val_elbo_nats"])
@@ -193,13 +226,15 @@ def _train_epoch(
     noise_generator: torch.Generator,
     autocast: contextlib.AbstractContextManager,
     show_progress: bool,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], Tensor]:
+    """One epoch; its metrics (means per image, and ``train_loss``, the mean of the steps' losses) and the steps'
+    batch means of loss, reconstruction and KL, [steps, 3]."""
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
     rank, world_size = rank_and_world_size()
-    n = len(train)
-    steps = math.ceil(n / config.batch_size)
-    order = torch.randperm(n, generator=shuffle_generator).to(state.device)
-    losses = torch.empty(steps, device=state.device)
+    steps = steps_per_epoch(len(train), config)
+    n = steps * config.batch_size if config.drop_last else len(train)  # images seen this epoch
+    order = epoch_order(len(train), config, shuffle_generator).to(state.device)
+    losses = torch.empty(steps, 3, device=state.device)  # per step: loss, reconstruction and KL batch means
     totals = torch.zeros(2, device=state.device)  # summed reconstruction and KL, nats
     weighted_kl = 0.0
     checked = 0  # how many steps' losses have been checked (and, with several processes, averaged over them)
@@ -219,31 +254,35 @@ def _train_epoch(
         weight = kl_weight(objective, epoch - 1 + step / steps)
         # DDP averages the processes' gradients: each one's loss is its shard's sum over the whole batch's share per
         # process, which makes that the gradient of the mean over the whole batch, also when the shards differ by an
-        # image (the last batch). In one process this is the batch mean, bit for bit.
-        loss = training_loss(terms, weight, len(index) / world_size)
+        # image (the last batch). In one process this is the batch mean, bit for bit. The terms' batch means are
+        # shared out the same way.
+        share = len(index) / world_size
+        loss = training_loss(terms, weight, share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
         optimizer.step()
-        losses[step] = loss.detach()
-        totals += torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
+        sums = torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
+        totals += sums
+        losses[step, 0] = loss.detach()
+        losses[step, 1:] = sums / share
         weighted_kl += weight * len(index)
         if (step + 1) % CHECK_EVERY_STEPS == 0 or step + 1 == steps:
             sum_over_processes(losses[checked : step + 1]).div_(world_size)
             checked = step + 1
-            _check_finite(losses[: step + 1], epoch)
-            bar.set_postfix(loss=f"{losses[step].item():.2f}", refresh=False)
+            _check_finite(losses[: step + 1, 0], epoch)
+            bar.set_postfix(loss=f"{losses[step, 0].item():.2f}", refresh=False)
             bar.update(step + 1 - bar.n)
     bar.close()
     reconstruction, kl = (sum_over_processes(totals) / n).tolist()
     return {
-        "train_loss": losses.mean().item(),
+        "train_loss": losses[:, 0].mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
         "train_reconstruction_nats": reconstruction,
         "train_kl_nats": kl,
         "kl_weight": weighted_kl / n,
-    }
+    }, losses
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:

@@ -130,13 +130,13 @@ def _mlp(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
 def _conv(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
     channels = config.image_shape[0]
     c1, c2 = config.conv_channels
-    padding = 1 if config.conv_padding == "same" else 0
+    same = config.conv_padding == "same"
     side = 28
     for _ in range(2):
-        side = (side + 2 * padding - 3) // 2 + 1
+        side = -(-side // 2) if same else (side - 3) // 2 + 1
     encoder: list[nn.Module] = [
-        nn.Conv2d(channels, c1, 3, stride=2, padding=padding), nn.ReLU(),
-        nn.Conv2d(c1, c2, 3, stride=2, padding=padding), nn.ReLU(),
+        *_strided_conv(channels, c1, same, config.padding_convention), nn.ReLU(),
+        *_strided_conv(c1, c2, same, config.padding_convention), nn.ReLU(),
         nn.Flatten(),
     ]
     features = c2 * side * side
@@ -153,11 +153,39 @@ def _conv(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
     d1, d2 = config.decoder_channels
     decoder = [
         *projection,
-        nn.ConvTranspose2d(start, d1, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
-        nn.ConvTranspose2d(d1, d2, 3, stride=2, padding=1, output_padding=1), nn.ReLU(),
+        *_upsampling_conv(start, d1, config.padding_convention), nn.ReLU(),
+        *_upsampling_conv(d1, d2, config.padding_convention), nn.ReLU(),
         nn.ConvTranspose2d(d2, channels, 3, stride=1, padding=1),
     ]
     return nn.Sequential(*encoder), nn.Sequential(*decoder)
+
+
+def _strided_conv(fan_in: int, fan_out: int, same: bool, convention: str) -> list[nn.Module]:
+    """A 3x3 stride-2 convolution halving the side (rounding up) when ``same``, else unpadded.
+
+    "Same" needs one pixel of padding for an even side: PyTorch puts one on each side (and drops the last row and
+    column the stride never reaches), TensorFlow and MATLAB put it at the bottom and right only.
+    """
+    if not same:
+        return [nn.Conv2d(fan_in, fan_out, 3, stride=2)]
+    if convention == "pytorch":
+        return [nn.Conv2d(fan_in, fan_out, 3, stride=2, padding=1)]
+    return [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(fan_in, fan_out, 3, stride=2)]
+
+
+def _upsampling_conv(fan_in: int, fan_out: int, convention: str) -> list[nn.Module]:
+    """A 3x3 stride-2 transposed convolution doubling the side: of its 2n + 1 output rows (and columns) one is
+    cropped, the first in PyTorch and MATLAB, the last in TensorFlow."""
+    if convention == "tensorflow":
+        return [nn.ConvTranspose2d(fan_in, fan_out, 3, stride=2), _CropLast()]
+    return [nn.ConvTranspose2d(fan_in, fan_out, 3, stride=2, padding=1, output_padding=1)]
+
+
+class _CropLast(nn.Module):
+    """Drops the last row and column of a feature map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x[..., :-1, :-1]
 
 
 def _initialize(model: nn.Module, scheme: str) -> None:

@@ -8,7 +8,9 @@ from pydantic import BaseModel
 
 from pipeline.config import (
     PRESETS, ConfigError, RunConfig, classifier_name, comparability_changes, comparable_on, load_config, parse_override,
+    training_image_count,
 )
+from vae.engine import steps_per_epoch
 
 
 def test_default_config_is_the_pytorch_examples_mlp_on_dynamically_binarized_mnist():
@@ -24,7 +26,7 @@ def test_default_config_is_the_pytorch_examples_mlp_on_dynamically_binarized_mni
     [
         ("tf-fashion-mlp", "fashion-mnist", "none", "mlp", 10, "adam", 1e-3, 512, "bernoulli", "analytic"),
         ("vae-tutorial-mlp", "mnist", "none", "mlp", 100, "adam", 1e-3, 64, "bernoulli", "analytic"),
-        ("keras-conv-fashion", "fashion-mnist", "none", "conv", 2, "rmsprop", 1e-3, 64, "bernoulli", "analytic"),
+        ("keras-conv-fashion", "fashion-mnist", "none", "conv", 2, "keras_rmsprop", 1e-3, 64, "bernoulli", "analytic"),
         ("tf-cvae-mnist", "mnist", "threshold", "conv", 50, "adam", 1e-4, 100, "bernoulli", "monte_carlo"),
         ("matlab-conv-mnist", "mnist", "none", "conv", 20, "adam", 1e-3, 512, "gaussian", "analytic"),
     ],
@@ -35,6 +37,50 @@ def test_each_seed_tutorial_has_a_preset_with_its_setup(preset, dataset, binariz
     assert (config.model.architecture, config.model.latent_dim) == (architecture, latent)
     assert (config.train.optimizer, config.train.learning_rate, config.train.batch_size) == (optimizer, lr, batch)
     assert (config.objective.likelihood, config.objective.kl) == (likelihood, kl)
+
+
+@pytest.mark.parametrize(
+    ("preset", "images", "steps", "shuffle", "epochs", "padding"),
+    [
+        ("tf-fashion-mlp", 60_000, 118, True, 100, "pytorch"),  # tf.data keeps the last partial batch
+        ("vae-tutorial-mlp", 55_000, 859, True, 117, "pytorch"),  # the TF loader's 55k, full batches: 100,503 steps
+        ("keras-conv-fashion", 70_000, 1094, True, 100, "tensorflow"),  # train + test, as the Keras example prints
+        ("tf-cvae-mnist", 60_000, 600, True, 100, "tensorflow"),
+        ("matlab-conv-mnist", 60_000, 117, False, 50, "matlab"),  # floor(60000 / 512), the same batches every epoch
+    ],
+)
+def test_tutorial_presets_take_their_tutorials_images_steps_per_epoch_and_length(preset, images, steps, shuffle, epochs, padding):
+    config = load_config(preset)
+    assert training_image_count(config.data) == images
+    assert steps_per_epoch(images, config.train) == steps
+    assert (config.train.shuffle, config.train.epochs, config.model.padding_convention) == (shuffle, epochs, padding)
+
+
+def test_tensorflow_and_keras_presets_use_keras_epsilon_and_the_others_their_frameworks_default():
+    epsilons = {preset: load_config(preset).train.epsilon for preset in PRESETS}
+    assert epsilons == {
+        "default": None, "tf-fashion-mlp": 1e-7, "vae-tutorial-mlp": None, "keras-conv-fashion": None,
+        "tf-cvae-mnist": 1e-7, "matlab-conv-mnist": None,
+    }  # None: Adam's 1e-8 (TF1 and MATLAB use it too), Keras RMSprop's 1e-7
+
+
+def test_training_on_the_test_images_adds_them_to_the_count_and_to_the_subset_limit():
+    config = load_config("default", {"data.training_images": "train+test", "data.train_subset": 55_000})
+    assert training_image_count(config.data) == 55_000
+    assert training_image_count(load_config("keras-conv-fashion").data) == 70_000
+    with pytest.raises(ConfigError, match=r"data.train_subset \(65000\) exceeds the 60000 training images"):
+        load_config("default", {"data.training_images": "train+test", "data.train_subset": 65_000})
+
+
+def test_dropping_the_last_batch_with_fewer_images_than_a_batch_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"train.drop_last leaves no step: 256 training images are fewer than train.batch_size \(512\)"):
+        load_config("matlab-conv-mnist", {"data.train_subset": 256})
+
+
+@pytest.mark.parametrize(("field", "value"), [("tutorial.metric", "keras"), ("data.training_images", "test"), ("model.padding_convention", "keras"), ("train.epsilon", 0), ("train.optimizer", "sgd")])
+def test_new_tutorial_settings_reject_bad_values_by_name(field, value):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config("default", {field: value})
 
 
 def test_overrides_use_dotted_names_and_typed_values():
@@ -172,12 +218,12 @@ def test_each_data_set_has_one_experiment():
     assert load_config("tf-fashion-mlp").experiment_name == "vae-fashion-mnist"
 
 
-def test_registered_models_are_one_per_comparable_family_of_data_set_binarization_and_likelihood():
+def test_registered_models_are_one_per_comparable_family_of_data_set_binarization_likelihood_and_held_out_test():
     assert {preset: load_config(preset).model_name for preset in PRESETS} == {
         "default": "vae-mnist",
         "tf-fashion-mlp": "vae-fashion-mnist-grayscale",
         "vae-tutorial-mlp": "vae-mnist-grayscale",
-        "keras-conv-fashion": "vae-fashion-mnist-grayscale",
+        "keras-conv-fashion": "vae-fashion-mnist-grayscale-train-test",  # trained on the test images
         "tf-cvae-mnist": "vae-mnist-threshold",
         "matlab-conv-mnist": "vae-mnist-grayscale-gaussian",
     }
@@ -192,6 +238,14 @@ def test_test_numbers_compare_on_the_test_images_the_likelihood_and_the_iwae_sam
     }
     # what training does is not what the score measures
     assert comparable_on(load_config("default", {"train.epochs": 3, "model.latent_dim": 2})) == comparable_on(load_config("default"))
+
+
+def test_training_on_the_test_images_makes_test_numbers_incomparable_with_held_out_ones():
+    held_out, trained_on = load_config("tf-fashion-mlp"), load_config("tf-fashion-mlp", {"data.training_images": "train+test"})
+    assert "data.training_images" not in comparable_on(held_out)  # as records made before the setting existed
+    assert comparability_changes(comparable_on(trained_on), comparable_on(held_out)) == [
+        "data.training_images: 'train' -> 'train+test'",
+    ]
 
 
 def test_what_makes_two_runs_incomparable_is_named_field_by_field():

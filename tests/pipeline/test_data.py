@@ -668,6 +668,24 @@ def test_train_subset_outside_the_training_set_is_rejected(train_subset):
     assert str(error.value) == f"train_subset must be in [1, 70] for tiny with validation_size=30, got {train_subset}"
 
 
+def test_training_on_the_test_images_appends_them_after_the_training_images_and_keeps_the_test_set():
+    held_out = prepare(synthetic(), validation_size=30, binarization="none")
+    both = prepare(synthetic(), validation_size=30, binarization="none", train_on_test=True)
+
+    assert image_ids(both.train) == image_ids(held_out.train) + list(range(20))  # the 20 test images, in file order
+    assert torch.equal(both.train.labels[70:], synthetic().test_labels)
+    assert torch.equal(both.test.pixels, held_out.test.pixels)
+    assert image_ids(both.validation) == image_ids(held_out.validation)
+
+
+def test_train_subset_with_the_test_images_may_reach_into_them_and_names_its_limit():
+    assert len(prepare(synthetic(), validation_size=30, train_on_test=True, train_subset=80).train) == 80
+    with pytest.raises(ValueError) as error:
+        prepare(synthetic(), validation_size=30, train_on_test=True, train_subset=91)
+
+    assert str(error.value) == "train_subset must be in [1, 90] for tiny with validation_size=30 and the test images, got 91"
+
+
 def test_no_binarization_keeps_grey_levels_in_0_1():
     prepared = prepare(synthetic(), validation_size=0, binarization="none")
 

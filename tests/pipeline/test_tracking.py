@@ -202,7 +202,7 @@ def test_flat_params_hold_the_whole_config_as_dotted_strings():
     assert params["train.grad_clip_norm"] == "None"
     assert params["train.compile"] == "False"
     assert params["data.cache_dir"] == "None"
-    sections = {"data", "model", "objective", "train", "eval", "classifier", "registry"}
+    sections = {"data", "model", "objective", "train", "eval", "classifier", "registry", "tutorial"}
     fields = {f"{s}.{f}" for s in sections for f in type(getattr(load_config("default"), s)).model_fields}
     assert set(params) == fields | {"preset"}
 

@@ -18,7 +18,7 @@ from vae.checkpoint import load_checkpoint
 from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
 from vae.data import ImageSet, binarize
 from vae.distributed import process_group, resolve_device
-from vae.engine import Callback, NonFiniteLossError, fit
+from vae.engine import Callback, NonFiniteLossError, epoch_order, fit, steps_per_epoch
 from vae.models import build_model
 from vae.objectives import elbo_terms, training_loss
 
@@ -228,6 +228,61 @@ def test_callbacks_are_called_at_start_every_epoch_and_end():
 
     run(train_config(), callbacks=[Record()])
     assert calls == [("start", 0), ("epoch", 1, 1), ("epoch", 2, 2), ("epoch", 3, 3), ("end", 3)]
+
+
+def test_metrics_a_callback_adds_join_the_epochs_history_and_checkpoint_but_not_its_seconds(tmp_path):
+    timed_before = []
+
+    class TestFigure(Callback):
+        def on_epoch_metrics(self, state):
+            timed_before.append(len(state.epoch_seconds) == state.epoch)  # the epoch's clock stopped already
+            return {"figure": 10.0 * state.epoch, "steps": float(len(state.batch_means))}
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    _, state = run(train_config(), callbacks=[TestFigure()], checkpoint_path=checkpoint)
+    assert [(entry["figure"], entry["steps"]) for entry in state.history] == [(10.0, 6.0), (20.0, 6.0), (30.0, 6.0)]
+    assert [entry["figure"] for entry in load_checkpoint(checkpoint)["history"]] == [10.0, 20.0, 30.0]
+    _, plain = run(train_config())
+    assert [{k: v for k, v in entry.items() if k not in ("figure", "steps")} for entry in state.history] == plain.history
+    assert timed_before == [True, True, True]
+
+
+def test_batch_means_hold_each_steps_loss_reconstruction_and_kl_whatever_the_batch_size():
+    # 384 images in batches of 100: three of 100 and one of 84; the epoch's loss counts each batch once, the
+    # per-image terms count each image once.
+    _, state = run(train_config(batch_size=100, epochs=1))
+    means, entry = state.batch_means, state.history[-1]
+    assert means.shape == (4, 3)
+    assert entry["train_loss"] == means[:, 0].mean().item()
+    sizes = torch.tensor([100.0, 100, 100, 84], dtype=torch.float64)
+    assert entry["train_reconstruction_nats"] == pytest.approx((sizes @ means[:, 1].double()).item() / 384, rel=1e-6)
+    assert entry["train_kl_nats"] == pytest.approx((sizes @ means[:, 2].double()).item() / 384, rel=1e-6)
+    torch.testing.assert_close(means[:, 0], means[:, 1] + means[:, 2])  # beta 1: the loss is their sum
+
+
+def test_drop_last_trains_only_the_full_batches():
+    _, state = run(train_config(batch_size=100, epochs=1, drop_last=True))
+    assert state.batch_means.shape == (3, 3)
+    assert state.history[-1]["kl_weight"] == 1.0  # averaged over the 300 images seen, not the 384 held
+
+
+def test_drop_last_with_fewer_images_than_a_batch_is_refused():
+    with pytest.raises(ValueError, match="drop_last leaves no step: 384 training images is less than batch_size 500"):
+        run(train_config(batch_size=500, drop_last=True))
+
+
+def test_an_epoch_visits_a_new_random_order_or_without_shuffle_the_sets_own_order_every_time():
+    generator = torch.Generator().manual_seed(0)
+    first, second = epoch_order(10, train_config(), generator), epoch_order(10, train_config(), generator)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(10)) and not torch.equal(first, second)
+    state = generator.get_state()
+    assert epoch_order(10, train_config(shuffle=False), generator).tolist() == list(range(10))
+    assert torch.equal(generator.get_state(), state)  # nothing drawn
+
+
+@pytest.mark.parametrize(("images", "batch", "drop_last", "steps"), [(70_000, 64, False, 1094), (60_000, 512, True, 117), (55_000, 64, True, 859), (60_000, 512, False, 118)])
+def test_steps_per_epoch_count_the_last_partial_batch_unless_dropped(images, batch, drop_last, steps):
+    assert steps_per_epoch(images, train_config(batch_size=batch, drop_last=drop_last)) == steps
 
 
 def test_kl_warm_up_weight_is_recorded_per_epoch():

@@ -22,6 +22,61 @@ def test_keras_conv_example_has_the_published_parameter_counts():
     assert count(model.decoder) == 65_089
 
 
+@pytest.mark.parametrize("convention", ["pytorch", "tensorflow", "matlab"])
+def test_padding_conventions_keep_the_keras_example_parameter_counts_and_feature_map_sizes(convention):
+    model = build_model(KERAS_CONV.model_copy(update={"padding_convention": convention}))
+    assert (count(model.encoder), count(model.decoder)) == (69_076, 65_089)
+    x = torch.rand(2, 1, 28, 28)
+    conv_outputs = [module for module in model.encoder if isinstance(module, torch.nn.ReLU)]
+    sizes = []
+    hooks = [module.register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[2:]))) for module in conv_outputs[:2]]
+    model.encode(x)
+    for hook in hooks:
+        hook.remove()
+    assert sizes == [(14, 14), (7, 7)]
+    assert model.decode(torch.zeros(2, 2)).shape == (2, 1, 28, 28)
+
+
+def _picking_conv(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every weight 0 but the kernel's top-left tap (1) and no bias: it picks one pixel."""
+    with torch.no_grad():
+        for layer in module.modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                layer.weight.zero_()
+                layer.weight[:, :, 0, 0] = 1.0
+                layer.bias.zero_()
+    return module
+
+
+def test_tensorflow_same_padding_pads_the_bottom_right_where_pytorch_pads_every_side():
+    # A top-left tap reads the first row and column of each window: with PyTorch's padding the window of output
+    # (i, j) starts at (2i - 1, 2j - 1), with TensorFlow's (and MATLAB's) at (2i, 2j).
+    from vae.models import _strided_conv
+
+    x = torch.arange(28.0 * 28).reshape(1, 1, 28, 28)
+    pytorch = _picking_conv(torch.nn.Sequential(*_strided_conv(1, 1, True, "pytorch")))(x)
+    tensorflow = _picking_conv(torch.nn.Sequential(*_strided_conv(1, 1, True, "tensorflow")))(x)
+    matlab = _picking_conv(torch.nn.Sequential(*_strided_conv(1, 1, True, "matlab")))(x)
+    assert torch.equal(tensorflow[0, 0], x[0, 0, 0::2, 0::2])
+    assert torch.equal(matlab, tensorflow)
+    assert torch.equal(pytorch[0, 0, 1:, 1:], x[0, 0, 1:-1:2, 1:-1:2]) and pytorch[0, 0, 0].eq(0).all()
+
+
+def test_tensorflow_transposed_convolution_crops_the_last_row_where_pytorch_and_matlab_crop_the_first():
+    # A top-left tap writes input pixel (i, j) to row and column 2i, 2j of the uncropped 15x15 output.
+    from vae.models import _upsampling_conv
+
+    x = torch.arange(1.0, 50.0).reshape(1, 1, 7, 7)
+    tensorflow = _picking_conv(torch.nn.Sequential(*_upsampling_conv(1, 1, "tensorflow")))(x)
+    pytorch = _picking_conv(torch.nn.Sequential(*_upsampling_conv(1, 1, "pytorch")))(x)
+    matlab = _picking_conv(torch.nn.Sequential(*_upsampling_conv(1, 1, "matlab")))(x)
+    assert tensorflow.shape == pytorch.shape == (1, 1, 14, 14)
+    assert torch.equal(tensorflow[0, 0, 0::2, 0::2], x[0, 0]) and tensorflow[0, 0, 1::2].eq(0).all()
+    assert torch.equal(pytorch[0, 0, 1:-1:2, 1:-1:2], x[0, 0, 1:, 1:]) and pytorch[0, 0, 0::2].eq(0).all()
+    assert pytorch[0, 0, -1].eq(0).all()  # the uncropped output's row 14, which no input pixel reaches
+    assert torch.equal(matlab, pytorch)
+
+
 @pytest.mark.parametrize(
     ("hidden", "latent", "encoder_params"),
     [((128,), 10, 784 * 128 + 128 + 128 * 20 + 20), ((128,), 100, 784 * 128 + 128 + 128 * 200 + 200), ((400,), 20, 784 * 400 + 400 + 400 * 40 + 40)],
