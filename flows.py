@@ -63,7 +63,7 @@ promote_model = task(registry.assign_alias, name="promote", cache_policy=NO_CACH
 @dataclass(frozen=True)
 class TrainingOutcome:
     """What a training run produced: where its MLflow run is, its test metrics, its logged model and the registry
-    decision."""
+    decision, and how long it trained (training passes and validations)."""
 
     run_id: str
     experiment_id: str
@@ -75,6 +75,7 @@ class TrainingOutcome:
     alias: str | None
     promotion_reason: str | None
     model_uri: str | None = None  # None when the model was not logged
+    training_minutes: float = 0.0
 
 
 @flow(name="train-vae", log_prints=True)
@@ -147,6 +148,7 @@ def tracked_training(
         alias=decision.alias if decision else None,
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
+        training_minutes=state.training_minutes,
     )
 
 
@@ -310,7 +312,7 @@ def _trial_results(
         runs = mlflow.MlflowClient().search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
         nested = {run.data.tags.get("sweep.trial"): run.info.run_id for run in runs}
     return [
-        sweep.TrialResult(trial, outcome.run_id, outcome.metrics, outcome.model_uri)
+        sweep.TrialResult(trial, outcome.run_id, outcome.metrics, outcome.model_uri, training_minutes=outcome.training_minutes)
         if isinstance(outcome, TrainingOutcome)
         else sweep.TrialResult(trial, nested.get(str(trial.number)), error=_error_text(outcome))
         for trial, outcome in zip(trials, outcomes)
@@ -341,7 +343,7 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
 
 
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
-    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
+    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs, {outcome.training_minutes:.1f} minutes of training")
     _print_metrics(config, outcome.metrics)
     print(f"  MLflow run      {outcome.run_id} (experiment vae-{config.data.dataset}, store {outcome.tracking_uri})")
     if outcome.version is not None:

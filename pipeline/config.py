@@ -64,6 +64,12 @@ class RunConfig(BaseModel):
             )
         if self.train.early_stopping_patience is not None and self.data.validation_size == 0:
             raise ValueError("train.early_stopping_patience needs a validation set: set data.validation_size > 0")
+        if not self.model.has_closed_form_kl and self.objective.bound == "elbo" and self.objective.kl == "analytic":
+            why = "model.prior='vamp'" if self.model.prior != "standard_normal" else "model.stochastic_layers=2"
+            raise ValueError(
+                f"objective.kl='analytic' has no closed form with {why}: set objective.kl='monte_carlo' or "
+                "objective.bound='iwae'"
+            )
         return self
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline import tracking
 from pipeline.config import RunConfig
-from vae.models import VAE, ServingVAE
+from vae.models import VAE, HierarchicalVAE, serving_copy
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -46,7 +46,7 @@ class PromotionDecision:
 class LoadedModel:
     """A logged model loaded back for use, with the config it was trained with and where it came from."""
 
-    model: VAE
+    model: VAE | HierarchicalVAE
     config: RunConfig
     run_id: str
     uri: str
@@ -66,7 +66,7 @@ def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float, bool]:
     raise KeyError(f"metrics hold neither test_nll_nats nor test_elbo_nats: {sorted(metrics)}")
 
 
-def log_model(model: VAE, example: Tensor) -> str:
+def log_model(model: VAE | HierarchicalVAE, example: Tensor) -> str:
     """Log ``model`` to the active run with a signature and input example (a few [N, 1, 28, 28] images); its URI.
 
     The model is pickled (not exported to pt2) so that the loaded module keeps ``sample``, ``decode`` and
@@ -74,7 +74,7 @@ def log_model(model: VAE, example: Tensor) -> str:
     """
     if mlflow.active_run() is None:
         raise RuntimeError("log_model needs an active MLflow run: call it inside mlflow.start_run()")
-    logged = ServingVAE.of(model)
+    logged = serving_copy(model)
     images = example.detach().to("cpu", torch.float32)
     signature = infer_signature(images.numpy(), logged(images).numpy())
     info = mlflow.pytorch.log_model(
@@ -120,10 +120,11 @@ def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str,
 
 
 def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` on ``device``, with its config."""
+    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` (or :class:`HierarchicalVAE`) on
+    ``device``, with its config."""
     uri, run_id = resolve(reference)
     served = mlflow.pytorch.load_model(uri, map_location=device)
-    model = VAE(served.encoder, served.decoder, served.latent_dim, served.image_shape).eval()
+    model = served.unwrap().eval()
     return LoadedModel(model, tracking.run_config(run_id), run_id, uri)
 
 

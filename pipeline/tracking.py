@@ -274,7 +274,9 @@ class MLflowCallback(Callback):
     """Logs each epoch's metrics, a grid of samples decoded from the same z and the checkpoint; at the end the grids'
     GIF and the loss curves.
 
-    Metrics go to the active run at step = epoch, the grids as the "samples" image series (one per step), the
+    Metrics (the history's, the epoch's seconds and the training minutes so far: training passes and validations) go
+    to the active run at step = epoch. Under a learned prior the grid's z are drawn from the prior as it is at the
+    epoch's end, with the same noise every epoch. The grids as the "samples" image series (one per step), the
     checkpoint (when the engine writes one, at ``checkpoint_path``) to ``checkpoint/checkpoint.pt``, replacing the
     previous epoch's, so that an interrupted run can be resumed from wherever its artifacts are. A resumed run's GIF
     starts from the grids its earlier epochs logged. The device training runs on becomes the "device" tag.
@@ -282,17 +284,16 @@ class MLflowCallback(Callback):
 
     def __init__(self, *, checkpoint_path: Path | None = None, samples: int = SAMPLES, seed: int = 0):
         self.checkpoint_path, self.samples, self.seed = checkpoint_path, samples, seed
-        self.z = None
         self.frames: list[tuple[int, Image.Image]] = []
 
     def on_fit_start(self, state: TrainingState) -> None:
-        self.z = artifacts.fixed_latents(self.samples, state.model.latent_dim, self.seed)
         self.frames = _logged_frames(mlflow.active_run().info.run_id, state.epoch) if state.epoch else []
         mlflow.set_tag("device", str(state.device))
 
     def on_epoch_end(self, state: TrainingState) -> None:
-        mlflow.log_metrics({**state.history[-1], "epoch_seconds": state.epoch_seconds[-1]}, step=state.epoch)
-        grid = artifacts.prior_samples(state.model, self.z)
+        elapsed = {"epoch_seconds": state.epoch_seconds[-1], "training_minutes": state.training_minutes}
+        mlflow.log_metrics({**state.history[-1], **elapsed}, step=state.epoch)
+        grid = artifacts.prior_samples(state.model, artifacts.prior_latents(state.model, self.samples, self.seed))
         # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
         mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
         self.frames.append((state.epoch, grid))

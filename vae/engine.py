@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 
 from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
-from vae.evaluate import evaluate_elbo
-from vae.objectives import elbo_terms, kl_weight
+from vae.evaluate import evaluate_elbo, uses_sampled_terms
+from vae.models import LatentSample
+from vae.objectives import elbo_terms, iwae_bound_per_image, kl_weight, log_importance_weights, sampled_elbo_terms
 
 CHECKPOINT_FORMAT = 1
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
@@ -53,12 +54,18 @@ class TrainingState:
     device: torch.device
     epoch: int = 0  # last completed epoch, counted from 1
     history: list[dict[str, float]] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's training pass
+    validation_seconds: list[float] = field(default_factory=list)  # each epoch's validation ELBO
     best_val_elbo_nats: float = -math.inf
     best_epoch: int = 0
     epochs_without_improvement: int = 0
     best_model_state: dict[str, Tensor] | None = None
     stopped_early: bool = False
+
+    @property
+    def training_minutes(self) -> float:
+        """Minutes spent so far in the training passes and the validations after them (not checkpoints or callbacks)."""
+        return (sum(self.epoch_seconds) + sum(self.validation_seconds)) / 60
 
 
 class Callback:
@@ -108,6 +115,40 @@ def process_group() -> Iterator[tuple[int, int]]:
         yield dist.get_rank(), world_size
     finally:
         dist.destroy_process_group()
+
+
+class LatentSampler(nn.Module):
+    """``samples`` draws of the latents of a batch as a module's forward, so that DistributedDataParallel can wrap the
+    importance-weighted objective as it wraps the model's own forward."""
+
+    def __init__(self, model: nn.Module, samples: int):
+        super().__init__()
+        self.model, self.samples = model, samples
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> LatentSample:
+        """The model's :class:`LatentSample` of ``x`` with ``noise`` [samples, B, latent_dim], else noise drawn with
+        ``generator``."""
+        if noise is None:
+            noise = torch.randn(self.samples, x.shape[0], self.model.latent_dim, generator=generator, device=x.device)
+        return self.model.latent_sample(self.model.posterior(x), noise)
+
+
+def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
+    """The learning rate after ``progress_epochs`` (fractional) epochs: a linear ramp from 0 over the first
+    ``lr_warmup_epochs``, times 1 (constant) or the cosine from 1 down to ``lr_final_fraction`` over all ``epochs``."""
+    factor = 1.0
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, progress_epochs / config.epochs)
+        final = config.lr_final_fraction
+        factor = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.lr_warmup_epochs > 0:
+        factor *= min(1.0, progress_epochs / config.lr_warmup_epochs)
+    return config.learning_rate * factor
+
+
+def has_schedule(config: TrainConfig) -> bool:
+    """Whether the learning rate changes during training (else the optimizer's own is never touched)."""
+    return config.lr_schedule != "constant" or config.lr_warmup_epochs > 0
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -164,7 +205,9 @@ def fit(
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
     if resume_from is not None:
         _restore(state, Path(resume_from), shuffle_generator, noise_generator)
-    step_model = DistributedDataParallel(model) if world_size > 1 else model
+    sampled = uses_sampled_terms(model, objective)
+    step_model = LatentSampler(model, objective.samples) if sampled else model
+    step_model = DistributedDataParallel(step_model) if world_size > 1 else step_model
     step_model = torch.compile(step_model) if config.compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     show_progress = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
@@ -173,16 +216,17 @@ def fit(
     for callback in callbacks:
         callback.on_fit_start(state)
     for epoch in range(state.epoch + 1, config.epochs + 1):
-        if state.stopped_early:
+        if state.stopped_early or _out_of_time(state):
             break
         started = time.perf_counter()
         metrics = _train_epoch(state, step_model, train, epoch, shuffle_generator, noise_generator, autocast, show_progress)
         state.epoch_seconds.append(time.perf_counter() - started)
         if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
-            val = None
+            started, val = time.perf_counter(), None
             if rank == 0:
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
             metrics.update({f"val_{name}": value for name, value in _from_rank_0(val).items()})
+            state.validation_seconds.append(time.perf_counter() - started)
         state.epoch = epoch
         state.history.append(metrics)
         if validation is not None:
@@ -210,6 +254,8 @@ def _train_epoch(
 ) -> dict[str, float]:
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
     rank, world_size = _rank_and_world_size()
+    sampled = uses_sampled_terms(model, objective)
+    scheduled = has_schedule(config)
     n = len(train)
     steps = math.ceil(n / config.batch_size)
     order = torch.randperm(n, generator=shuffle_generator).to(state.device)
@@ -222,19 +268,36 @@ def _train_epoch(
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
         x = train.batch(index, noise_generator)
-        eps = None
-        if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
-            rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
-            eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
-            x = x[rows]
-        with autocast:
-            output = step_model(x, generator=noise_generator, eps=eps)
-        terms = elbo_terms(x, output, objective)
-        weight = kl_weight(objective, epoch - 1 + step / steps)
+        progress_epochs = epoch - 1 + step / steps
+        if scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, progress_epochs)
+        weight = kl_weight(objective, progress_epochs)
+        if sampled:
+            noise = None
+            if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
+                rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
+                shape = (objective.samples, len(index), model.latent_dim)
+                noise = torch.randn(shape, generator=noise_generator, device=state.device)[:, rows]
+                x = x[rows]
+            with autocast:
+                sample = step_model(x, generator=noise_generator, noise=noise)
+            terms = sampled_elbo_terms(x, sample, objective)
+            per_image = -iwae_bound_per_image(log_importance_weights(x, sample, objective, weight))
+        else:
+            eps = None
+            if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
+                rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
+                eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
+                x = x[rows]
+            with autocast:
+                output = step_model(x, generator=noise_generator, eps=eps)
+            terms = elbo_terms(x, output, objective)
+            per_image = terms.reconstruction + weight * terms.kl
         # DDP averages the gradients of the processes; each one's sum weighted by world_size / batch size makes that
         # the gradient of the mean over the whole batch, also when the shards differ by an image (the last batch).
         # In one process this is the batch mean, bit for bit.
-        loss = (terms.reconstruction + weight * terms.kl).sum() / (len(index) / world_size)
+        loss = per_image.sum() / (len(index) / world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
@@ -251,13 +314,16 @@ def _train_epoch(
             bar.update(step + 1 - bar.n)
     bar.close()
     reconstruction, kl = (_sum_over_processes(totals) / n).tolist()
-    return {
+    metrics = {
         "train_loss": losses.mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
         "train_reconstruction_nats": reconstruction,
         "train_kl_nats": kl,
         "kl_weight": weighted_kl / n,
     }
+    if scheduled:
+        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]  # the epoch's last step's
+    return metrics
 
 
 def _rank_and_world_size() -> tuple[int, int]:
@@ -281,6 +347,16 @@ def _from_rank_0(value: Any) -> Any:
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+def _out_of_time(state: TrainingState) -> bool:
+    """Whether another epoch, as long as the mean one so far, would end past ``max_minutes`` of training. Every
+    process decides on rank 0's clock, so that all of them stop at the same epoch."""
+    limit = state.train_config.max_minutes
+    if limit is None or not state.epoch_seconds:
+        return False
+    per_epoch_minutes = state.training_minutes / len(state.epoch_seconds)
+    return bool(_from_rank_0(state.training_minutes + per_epoch_minutes > limit))
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:
@@ -317,6 +393,7 @@ def save_checkpoint(
         "rng": {"shuffle": shuffle_generator.get_state(), "noise": noise_generator.get_state().cpu()},
         "history": state.history,
         "epoch_seconds": state.epoch_seconds,
+        "validation_seconds": state.validation_seconds,
         "early_stopping": {
             "best_val_elbo_nats": state.best_val_elbo_nats,
             "best_epoch": state.best_epoch,
@@ -358,7 +435,7 @@ def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") 
 def _restore(state: TrainingState, path: Path, shuffle_generator: torch.Generator, noise_generator: torch.Generator) -> None:
     checkpoint = load_checkpoint(path, map_location=state.device)
     saved = TrainConfig.model_validate(checkpoint["train_config"])
-    changed = [name for name in TrainConfig.model_fields if name not in ("epochs", "device") and getattr(saved, name) != getattr(state.train_config, name)]
+    changed = [name for name in TrainConfig.model_fields if name not in ("epochs", "device", "max_minutes") and getattr(saved, name) != getattr(state.train_config, name)]
     if changed:
         raise ValueError(f"{path}: cannot resume with different training settings ({', '.join(changed)})")
     if ObjectiveConfig.model_validate(checkpoint["objective"]) != state.objective:
@@ -370,6 +447,7 @@ def _restore(state: TrainingState, path: Path, shuffle_generator: torch.Generato
     state.epoch = checkpoint["epoch"]
     state.history = list(checkpoint["history"])
     state.epoch_seconds = list(checkpoint["epoch_seconds"])
+    state.validation_seconds = list(checkpoint.get("validation_seconds", []))
     early = checkpoint["early_stopping"]
     state.best_val_elbo_nats = early["best_val_elbo_nats"]
     state.best_epoch = early["best_epoch"]

@@ -1,4 +1,5 @@
-"""The ELBO as its terms in nats per image: reconstruction -log p(x|z) and KL(q(z|x) || p(z)), with beta and warm-up."""
+"""The bounds trained on, in nats per image: the ELBO as its terms, reconstruction -log p(x|z) and KL(q(z|x) || p(z)),
+with beta and warm-up; and the importance-weighted bound of Burda et al. (2015) over k samples of the latents."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vae.config import ObjectiveConfig
-from vae.models import VAEOutput
-
-LOG_2PI = math.log(2 * math.pi)
+from vae.models import LatentSample, VAEOutput
+from vae.priors import LOG_2PI, log_normal, log_standard_normal  # noqa: F401 (log densities used with the ELBO terms)
 
 
 class ElboTerms(NamedTuple):
@@ -20,16 +20,6 @@ class ElboTerms(NamedTuple):
 
     reconstruction: Tensor
     kl: Tensor
-
-
-def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; mu, exp(logvar)) summed over the last dimension."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
-
-
-def log_standard_normal(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the last dimension."""
-    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
 def reconstruction_nll(x: Tensor, logits: Tensor, likelihood: str, gaussian_std: float = 1.0) -> Tensor:
@@ -75,3 +65,25 @@ def kl_weight(config: ObjectiveConfig, progress_epochs: float) -> float:
     if config.kl_warmup_epochs <= 0:
         return config.beta
     return config.beta * min(1.0, progress_epochs / config.kl_warmup_epochs)
+
+
+def log_importance_weights(x: Tensor, sample: LatentSample, config: ObjectiveConfig, kl_weight: float = 1.0) -> Tensor:
+    """log w = log p(x|z) + kl_weight * (log p(z) - log q(z|x)) for each of k samples of B images, [k, B].
+
+    With ``kl_weight`` 1 these are the importance weights of log p(x); a smaller weight is the beta-weighted (or
+    warming up) version, whose one-sample mean is the beta-weighted ELBO.
+    """
+    log_likelihood = -reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
+    return log_likelihood + kl_weight * (sample.log_prior - sample.log_posterior)
+
+
+def iwae_bound_per_image(log_weights: Tensor) -> Tensor:
+    """log (1/k) sum_i w_i per image, [B], from log weights [k, B]: the importance-weighted bound on log p(x)."""
+    return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+def sampled_elbo_terms(x: Tensor, sample: LatentSample, config: ObjectiveConfig) -> ElboTerms:
+    """The ELBO's terms per image estimated from k samples of the latents: the mean over the samples of
+    -log p(x|z) and of log q(z|x) - log p(z) (the Monte Carlo KL, over every stochastic layer)."""
+    reconstruction = reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
+    return ElboTerms(reconstruction.mean(0), (sample.log_posterior - sample.log_prior).mean(0))

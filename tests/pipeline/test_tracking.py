@@ -298,12 +298,16 @@ def test_every_epoch_logs_its_metrics_at_step_epoch(finished_run):
     run = client.get_run(run_id)
     per_epoch = {
         "train_loss", "train_elbo_nats", "train_reconstruction_nats", "train_kl_nats", "kl_weight",
-        "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats", "epoch_seconds",
+        "val_elbo_nats", "val_reconstruction_nats", "val_kl_nats", "epoch_seconds", "training_minutes",
     }
     assert set(run.data.metrics) == per_epoch | set(TEST_METRICS)
     for name in per_epoch:
         assert [m.step for m in client.get_metric_history(run_id, name)] == [1, 2], name
     assert [m.value for m in client.get_metric_history(run_id, "kl_weight")] == [1.0, 1.0]
+    # The training minutes so far: each epoch's training pass plus its validation.
+    minutes = [m.value for m in client.get_metric_history(run_id, "training_minutes")]
+    seconds = [m.value for m in client.get_metric_history(run_id, "epoch_seconds")]
+    assert minutes[0] >= seconds[0] / 60 and minutes[1] - minutes[0] >= seconds[1] / 60 - 1e-9
 
 
 def test_test_metrics_are_logged_as_given(finished_run):

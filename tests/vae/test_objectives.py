@@ -1,13 +1,17 @@
-"""Specification of the ELBO terms: each is the textbook formula, in nats per image."""
+"""Specification of the objectives: each ELBO term is the textbook formula, in nats per image, and the
+importance-weighted bound is the log mean of the weights, the ELBO itself with one sample."""
 
 import math
 
 import pytest
 import torch
 
-from vae.config import ObjectiveConfig
-from vae.models import VAEOutput
-from vae.objectives import elbo_terms, kl_divergence, kl_weight, log_normal, reconstruction_nll
+from vae.config import ModelConfig, ObjectiveConfig
+from vae.models import LatentSample, VAEOutput, build_model
+from vae.objectives import (
+    elbo_terms, iwae_bound_per_image, kl_divergence, kl_weight, log_importance_weights, log_normal, reconstruction_nll,
+    sampled_elbo_terms,
+)
 
 generator = torch.Generator().manual_seed(0)
 X = torch.bernoulli(torch.full((3, 1, 28, 28), 0.3), generator=generator)
@@ -69,3 +73,49 @@ def test_kl_weight_ramps_linearly_over_the_warm_up_then_stays_at_beta():
     config = ObjectiveConfig(beta=2.0, kl_warmup_epochs=4)
     assert [kl_weight(config, e) for e in (0, 1, 2, 4, 10)] == [0.0, 0.5, 1.0, 2.0, 2.0]
     assert kl_weight(ObjectiveConfig(beta=0.5), 0) == 0.5
+
+
+# --- the importance-weighted bound -----------------------------------------------------------------------------------
+
+
+def small_vae():
+    return build_model(ModelConfig(hidden_dims=(16,), latent_dim=3), seed=0)
+
+
+def test_importance_weighted_objective_with_one_sample_equals_the_elbo_objective():
+    # The same model, images and noise: the k = 1 importance-weighted loss is the negative ELBO with the Monte Carlo
+    # KL, for any weight of the KL term (beta, warm-up).
+    model, eps = small_vae(), torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    output = model(X, eps=eps)
+    sample = model.latent_sample(model.posterior(X), eps.unsqueeze(0))
+    for weight in (1.0, 0.25, 0.0):
+        terms = elbo_terms(X, output, ObjectiveConfig(kl="monte_carlo"))
+        elbo_loss = terms.reconstruction + weight * terms.kl
+        iwae_loss = -iwae_bound_per_image(log_importance_weights(X, sample, ObjectiveConfig(bound="iwae"), weight))
+        torch.testing.assert_close(iwae_loss, elbo_loss, rtol=1e-6, atol=1e-4)
+    sampled = sampled_elbo_terms(X, sample, ObjectiveConfig(bound="iwae"))
+    torch.testing.assert_close(sampled.reconstruction, terms.reconstruction)
+    torch.testing.assert_close(sampled.kl, terms.kl, rtol=1e-5, atol=1e-4)
+
+
+def test_importance_weights_are_the_likelihood_times_prior_over_posterior():
+    sample = LatentSample(torch.stack([LOGITS, LOGITS - 1]), torch.tensor([[1.0, 2, 3], [4, 5, 6]]), torch.tensor([[0.5, 0.5, 0.5], [1, 1, 1]]))
+    expected = -torch.stack([reconstruction_nll(X, LOGITS, "bernoulli"), reconstruction_nll(X, LOGITS - 1, "bernoulli")])
+    expected = expected + sample.log_prior - sample.log_posterior
+    torch.testing.assert_close(log_importance_weights(X, sample, ObjectiveConfig()), expected)
+
+
+def test_importance_weighted_bound_is_the_log_mean_of_the_weights():
+    log_weights = torch.log(torch.tensor([[1.0, 10.0], [2.0, 20.0], [6.0, 0.0]]))  # 3 samples of 2 images
+    torch.testing.assert_close(iwae_bound_per_image(log_weights), torch.log(torch.tensor([3.0, 10.0])))
+
+
+def test_importance_weighted_bound_is_at_least_the_mean_of_the_sample_elbos():
+    log_weights = torch.randn(50, 8, generator=torch.Generator().manual_seed(2)) * 10 - 100
+    assert torch.all(iwae_bound_per_image(log_weights) >= log_weights.mean(0))
+
+
+def test_several_samples_need_the_iwae_bound():
+    with pytest.raises(ValueError, match="samples=5 needs bound='iwae'"):
+        ObjectiveConfig(samples=5)
+    assert ObjectiveConfig(bound="iwae", samples=5).samples == 5
