@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,7 +60,7 @@ def evaluate_elbo(
     sampled = not model.has_closed_form_kl
     generator = torch.Generator(device=data.device).manual_seed(seed)
     reconstruction, kl = _mean_metric(data.device), _mean_metric(data.device)
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode(), _frozen_prior(model):
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             if sampled:
@@ -101,7 +102,7 @@ def iwae_bound(
     generator = torch.Generator(device=data.device).manual_seed(seed)
     bound = _mean_metric(data.device)
     log_k = math.log(samples)
-    with _eval_mode(model), torch.inference_mode():
+    with _eval_mode(model), torch.inference_mode(), _frozen_prior(model):
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             posterior = model.posterior(x)
@@ -159,6 +160,11 @@ def _eval_mode(model: Model) -> Iterator[None]:
     finally:
         for module, training in flags:
             module.training = training
+
+
+def _frozen_prior(model: Model) -> contextlib.AbstractContextManager:
+    """p(z) computed once for the whole evaluation (a learned prior's encoded pseudo-inputs), where the model has one."""
+    return model.frozen_prior() if hasattr(model, "frozen_prior") else contextlib.nullcontext()
 
 
 def _check_positive(**arguments: int) -> None:

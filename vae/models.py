@@ -3,6 +3,7 @@ with one stochastic layer or two (the VampPrior paper's hierarchical VAE)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import NamedTuple
@@ -81,6 +82,10 @@ class VAE(nn.Module):
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of z ~ p(z) [n, latent_dim], made with ``generator``."""
         return self.prior.sample(n, self.encode, generator, device=_device_of(self))
+
+    def frozen_prior(self) -> contextlib.AbstractContextManager:
+        """A block in which p(z) is computed once and reused (evaluation: the parameters must not change inside)."""
+        return self.prior.frozen(self.encode)
 
     def decode(self, z: Tensor) -> Tensor:
         """Pixel logits of p(x|z), shape [N, C, H, W] (the mean image is their sigmoid)."""
@@ -207,6 +212,10 @@ class HierarchicalVAE(nn.Module):
         z1 = mu1 + eps1 * torch.exp(0.5 * logvar1)
         z = torch.cat([z1, z2], -1)
         return VAEOutput(self.decode(z), torch.cat([mu1, mu2], -1), torch.cat([logvar1, logvar2], -1), z)
+
+    def frozen_prior(self) -> contextlib.AbstractContextManager:
+        """A block in which p(z2) is computed once and reused (evaluation: the parameters must not change inside)."""
+        return self.prior.frozen(self.encode_top)
 
     def sample_latents(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` draws of z = (z1, z2) ~ p(z2) p(z1|z2) [n, latent_dim], made with ``generator``."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,11 @@ class StandardNormalPrior(nn.Module):
         """log p(z) in nats, summed over the last dimension (``encode`` is not needed)."""
         return log_standard_normal(z.float())
 
+    @contextmanager
+    def frozen(self, encode: Encode | None = None) -> Iterator[None]:
+        """Nothing to hold fixed (see :meth:`VampPrior.frozen`)."""
+        yield
+
     def sample(self, n: int, encode: Encode | None = None, generator: torch.Generator | None = None, *, device: torch.device | str = "cpu") -> Tensor:
         """``n`` draws [n, latent_dim] made with ``generator``."""
         return torch.randn(n, self.latent_dim, generator=generator, device=device)
@@ -70,6 +76,7 @@ class VampPrior(nn.Module):
         super().__init__()
         self.latent_dim = latent_dim
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(components, *image_shape))
+        self._frozen: tuple[Tensor, Tensor] | None = None
 
     @property
     def components(self) -> int:
@@ -81,8 +88,20 @@ class VampPrior(nn.Module):
 
     def mixture(self, encode: Encode) -> tuple[Tensor, Tensor]:
         """The means and log-variances [C, latent] of the mixture's components: q(z|u_c)."""
+        if self._frozen is not None:
+            return self._frozen
         means, logvars = encode(self.pseudo_images())
         return means.float(), logvars.float()
+
+    @contextmanager
+    def frozen(self, encode: Encode) -> Iterator[None]:
+        """Inside, the mixture is computed once and reused: for evaluation, where the parameters do not change and
+        encoding the C pseudo-inputs for every batch of samples would cost as much as a batch of C images."""
+        self._frozen = self.mixture(encode)
+        try:
+            yield
+        finally:
+            self._frozen = None
 
     def log_prob(self, z: Tensor, encode: Encode) -> Tensor:
         """log p(z) in nats for z [..., latent], with ``encode`` the encoder of q(z|x)."""

@@ -114,3 +114,17 @@ def test_build_prior_names_the_two_priors_and_refuses_others():
     assert isinstance(build_prior("vamp", 3, 10, (1, 28, 28)), VampPrior)
     with pytest.raises(ValueError, match="unknown prior 'flow'"):
         build_prior("flow", 3, 10, (1, 28, 28))
+
+
+def test_a_frozen_vamp_prior_encodes_its_pseudo_inputs_once_and_gives_the_same_density():
+    prior, encoder = vamp_prior()
+    calls = []
+    counted = lambda images: calls.append(len(images)) or encoder(images)  # noqa: E731
+    outside = prior.log_prob(Z, counted)
+    with torch.no_grad(), prior.frozen(counted):
+        inside = [prior.log_prob(Z, counted), prior.log_prob(Z[:1], counted)]
+    assert calls == [6, 6]  # once outside, once on entering the block
+    torch.testing.assert_close(inside[0], outside.detach())
+    torch.testing.assert_close(inside[1], outside[:1].detach())
+    prior.log_prob(Z, counted)
+    assert calls == [6, 6, 6]  # after the block the mixture follows the parameters again
