@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vae.config import EvalConfig, ModelConfig, ObjectiveConfig, TrainConfig
 
 TRAIN_IMAGES = 60_000  # both data sets
+LOCAL_WORKERS = 2  # `flows.py sweep`: processes of the local Dask cluster, one trial at a time each
+DEFAULT_RETRAINING_CRON = "0 3 * * 1"  # `flows.py serve`: Mondays at 03:00
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,16 @@ class RunConfig(BaseModel):
             )
         return self
 
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment of this run (see :func:`experiment_name`)."""
+        return experiment_name(self.data.dataset)
+
+    @property
+    def model_name(self) -> str:
+        """The registered model this run's model competes in (see :func:`model_name`)."""
+        return model_name(self)
+
 
 # Each preset reproduces one of the seed tutorials (network, data, binarization, likelihood, optimizer, batch, z);
 # "default" is the main job: the pytorch/examples network on dynamically binarized MNIST, scored by the IWAE bound.
@@ -120,6 +132,56 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50},
     },
 }
+
+
+# --- names and comparability: what a run is filed under, and whose test numbers it can be ranked against -------------
+
+# Two runs' test numbers compare only when they score the same test images in the same way: these fields decide.
+# The first ones fix the test images (the published files are fixed by the data set; tracking digests the test split
+# from them), the rest what is measured on them.
+TEST_IMAGE_FIELDS = ("data.dataset", "data.binarization", "data.binarization_seed")
+SCORE_FIELDS = (*TEST_IMAGE_FIELDS, "objective.likelihood", "objective.gaussian_std", "eval.iwae_samples", "eval.seed")
+
+
+def experiment_name(dataset: str) -> str:
+    """The MLflow experiment that holds every run on ``dataset``: "vae-mnist"."""
+    return f"vae-{dataset}"
+
+
+def model_name(config: RunConfig) -> str:
+    """The registered model of the config's comparable family: one champion per data set, binarization and likelihood.
+
+    "vae-mnist" is dynamically binarized MNIST under a Bernoulli likelihood, as published likelihoods are measured;
+    other families say how they differ: "vae-mnist-threshold", "vae-fashion-mnist-grayscale",
+    "vae-mnist-grayscale-gaussian".
+    """
+    parts = [experiment_name(config.data.dataset)]
+    if config.data.binarization != "dynamic":
+        parts.append("grayscale" if config.data.binarization == "none" else config.data.binarization)
+    if config.objective.likelihood != "bernoulli":
+        parts.append(config.objective.likelihood)
+    return "-".join(parts)
+
+
+def comparable_on(config: RunConfig) -> dict[str, Any]:
+    """The values of :data:`SCORE_FIELDS` in ``config``: runs whose test numbers compare have equal ones."""
+    return {field: _dotted(config, field) for field in SCORE_FIELDS}
+
+
+def comparability_changes(ours: Mapping[str, Any], theirs: Mapping[str, Any]) -> list[str]:
+    """What makes two :func:`comparable_on` records differ, as "field: theirs -> ours" (empty when they compare)."""
+    return [
+        f"{field}: {theirs.get(field)!r} -> {ours.get(field)!r}"
+        for field in dict.fromkeys([*theirs, *ours])
+        if ours.get(field) != theirs.get(field)
+    ]
+
+
+def _dotted(config: RunConfig, field: str) -> Any:
+    value: Any = config
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def load_config(

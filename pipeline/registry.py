@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,12 +17,13 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from torch import Tensor
 
 from pipeline import tracking
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, comparability_changes, comparable_on
 from vae.models import VAE, HierarchicalVAE, serving_copy
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME = "model"  # the logged model's name inside its run
+COMPARABLE_ON_TAG = "comparable_on"  # on each version: JSON of the fields its test numbers compare on
 
 
 class RegistryError(LookupError):
@@ -50,11 +52,6 @@ class LoadedModel:
     config: RunConfig
     run_id: str
     uri: str
-
-
-def registered_model_name(dataset: str) -> str:
-    """The registered model of a data set: models of different data sets never compete."""
-    return f"vae-{dataset}"
 
 
 def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float, bool]:
@@ -128,22 +125,9 @@ def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
     return LoadedModel(model, tracking.run_config(run_id), run_id, uri)
 
 
-def register(
-    model_uri: str,
-    config: RunConfig,
-    metrics: Mapping[str, float],
-    run_id: str,
-    *,
-    margin: float = 0.0,
-    client: MlflowClient | None = None,
-) -> PromotionDecision:
-    """:func:`register_version`, then :func:`assign_alias`: the new version and the decision on it."""
-    version = register_version(model_uri, config, metrics, run_id)
-    return assign_alias(config, metrics, version, margin=margin, client=client)
-
-
 def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, float], run_id: str) -> str:
-    """Register a new version under the data set's name, tagged with its run, data, preset and test metrics."""
+    """Register a new version under the name of the config's comparable family (:attr:`RunConfig.model_name`), tagged
+    with its run, data, preset, test metrics and what its test numbers compare on (``comparable_on``, JSON)."""
     metric, _, _ = primary_metric(metrics)
     tags = {
         "run_id": run_id,
@@ -151,11 +135,12 @@ def register_version(model_uri: str, config: RunConfig, metrics: Mapping[str, fl
         "binarization": config.data.binarization,
         "preset": config.preset,
         "primary_metric": metric,
+        COMPARABLE_ON_TAG: json.dumps(comparable_on(config), sort_keys=True),
         **{key: repr(float(number)) for key, number in metrics.items() if key.startswith("test_")},
     }
     # MLflow's own registration (it links the logged model to the version) uses the configured URIs, as does the
     # SQL store when it resolves a models:/ source.
-    return str(mlflow.register_model(model_uri, registered_model_name(config.data.dataset), tags=tags).version)
+    return str(mlflow.register_model(model_uri, config.model_name, tags=tags).version)
 
 
 def assign_alias(
@@ -168,14 +153,15 @@ def assign_alias(
 ) -> PromotionDecision:
     """Make ``version`` champion or challenger, recording the decision on it as ``promotion.*`` tags and description.
 
-    It becomes champion when there is none yet, or when the champion has the same binarization and the new primary
-    metric beats the champion's by more than ``margin`` nats; otherwise it becomes challenger.
+    It becomes champion when there is none yet, or when the champion's test numbers compare with its own (the same
+    :func:`pipeline.config.comparable_on`) and the new primary metric beats the champion's by more than ``margin``
+    nats; otherwise it becomes challenger.
     """
     client = client or MlflowClient()
-    name = registered_model_name(config.data.dataset)
+    name = config.model_name
     metric, value, lower_is_better = primary_metric(metrics)
     current = champion(name, client=client)
-    decision = _decide(version, config.data.binarization, metric, value, lower_is_better, margin, current)
+    decision = _decide(version, comparable_on(config), metric, value, lower_is_better, margin, current)
     client.set_registered_model_alias(name, decision.alias, decision.version)
     if decision.promoted and current is not None:
         client.set_model_version_tag(name, current.version, "demoted_by", decision.version)
@@ -223,7 +209,7 @@ def champion(name: str, *, client: MlflowClient | None = None) -> ModelVersion |
 
 def _decide(
     version: str,
-    binarization: str,
+    ours: Mapping[str, object],
     metric: str,
     value: float,
     lower_is_better: bool,
@@ -246,13 +232,9 @@ def _decide(
         return decided(False, f"{metric} is {value}: not a number to promote on")
     if current is None:
         return decided(True, f"no champion yet: v{version} ({metric} {value:.2f}) becomes champion")
-    theirs = current.tags.get("binarization")
-    if theirs != binarization:
-        return decided(
-            False,
-            f"not comparable with champion v{current.version}: binarization {binarization!r} differs from "
-            f"the champion's {theirs!r}",
-        )
+    changes = comparability_changes(ours, _comparable_on(current))
+    if changes:
+        return decided(False, f"not comparable with champion v{current.version}: {'; '.join(changes)}")
     if metric not in current.tags:
         return decided(False, f"not comparable with champion v{current.version}: it has no {metric}")
     best = float(current.tags[metric])
@@ -269,6 +251,14 @@ def _decide(
         f"{margin:.2f} (difference {gain:.2f}, {'lower' if lower_is_better else 'higher'} is better)",
         best,
     )
+
+
+def _comparable_on(version: ModelVersion) -> Mapping[str, object]:
+    """What a registered version's test numbers compare on: its tag, else (versions registered before the tag
+    existed) computed from its run's config."""
+    if COMPARABLE_ON_TAG in version.tags:
+        return json.loads(version.tags[COMPARABLE_ON_TAG])
+    return comparable_on(tracking.run_config(version.run_id))
 
 
 def _model_version(client: MlflowClient, name: str, version: str) -> ModelVersion:

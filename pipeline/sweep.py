@@ -12,22 +12,16 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.config import ConfigError, RunConfig, parse_value, with_overrides
+from pipeline.config import SCORE_FIELDS, ConfigError, RunConfig, parse_value, with_overrides
 from pipeline.registry import primary_metric
 
 FINISHED = "finished"
 FAILED = "failed"
 LEADERBOARD_METRICS = ("test_elbo_nats", "test_nll_nats")
 
-# Trials are ranked on one test score and the best is registered under its data set's name: a field that changes the
-# data set, the test images or what the score measures would make the trials' scores incomparable.
-FIXED_FIELDS = {
-    "data.dataset": "each data set has its own experiment and registered model: run one sweep per data set",
-    "data.binarization": "it changes the test images, so the trials' scores would not compare",
-    "data.binarization_seed": "it changes the test images, so the trials' scores would not compare",
-    "objective.likelihood": "it changes what the test score measures, so the trials' scores would not compare",
-    "objective.gaussian_std": "it changes what the test score measures, so the trials' scores would not compare",
-    "eval": "every trial is scored the same way: set eval.* for the whole sweep with --set",
+# Trials are ranked on one test score and the best competes in its family's registry: the fields that decide what the
+# score measures (pipeline.config.SCORE_FIELDS) are the same for every trial. Two more are the sweep's own business.
+SWEEP_SETTINGS = {
     "registry": "only the best trial is registered: set registry.* for the whole sweep with --set",
     "preset": "the preset is the base config: set it with --preset",
 }
@@ -167,9 +161,14 @@ def best(results: Sequence[TrialResult]) -> TrialResult | None:
 
 
 def _check_field(name: str, values: Sequence[Any]) -> None:
-    fixed = next((reason for prefix, reason in FIXED_FIELDS.items() if name == prefix or name.startswith(f"{prefix}.")), None)
-    if fixed is not None:
-        raise ConfigError(f"{name} cannot be swept: {fixed}")
+    if name in SCORE_FIELDS or any(field.startswith(f"{name}.") for field in SCORE_FIELDS):
+        raise ConfigError(
+            f"{name} cannot be swept: the trials' test scores compare only when they are measured alike, and it "
+            "decides what they measure (pipeline.config.SCORE_FIELDS): set it for the whole sweep with --set"
+        )
+    sweep_setting = next((why for prefix, why in SWEEP_SETTINGS.items() if name == prefix or name.startswith(f"{prefix}.")), None)
+    if sweep_setting is not None:
+        raise ConfigError(f"{name} cannot be swept: {sweep_setting}")
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
         raise ConfigError(f"{name}: a swept field needs a non-empty list of values, got {values!r}")
     seen = set()

@@ -28,8 +28,8 @@ from PIL import Image
 from sqlalchemy.engine import make_url
 from torch import nn
 
-from pipeline import artifacts
-from pipeline.config import ConfigError, RunConfig, validate
+from pipeline import pictures
+from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experiment_name, validate
 from pipeline.data import DATASETS, PreparedData
 from vae.data import ImageSet
 from vae.engine import Callback, TrainingState
@@ -46,7 +46,7 @@ SAMPLES_KEY = "samples"  # the image series of prior samples, one per epoch
 SPLIT_SETTINGS = {
     "training": ("validation_size", "split_seed", "train_subset", "binarization", "binarization_seed"),
     "validation": ("validation_size", "split_seed", "binarization", "binarization_seed"),
-    "test": ("binarization", "binarization_seed"),
+    "test": tuple(field.removeprefix("data.") for field in TEST_IMAGE_FIELDS if field != "data.dataset"),
 }
 
 _ready: set[str] = set()  # tracking URIs whose store this process has ensured
@@ -86,7 +86,7 @@ def experiment(dataset: str) -> str:
     In a SQLite store its artifacts go to ``artifacts/<experiment name>/`` beside the database; a tracking server
     chooses the artifact location itself.
     """
-    name = f"vae-{dataset}"
+    name = experiment_name(dataset)
     client = mlflow.MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -293,7 +293,7 @@ class MLflowCallback(Callback):
     def on_epoch_end(self, state: TrainingState) -> None:
         elapsed = {"epoch_seconds": state.epoch_seconds[-1], "training_minutes": state.training_minutes}
         mlflow.log_metrics({**state.history[-1], **elapsed}, step=state.epoch)
-        grid = artifacts.prior_samples(state.model, artifacts.prior_latents(state.model, self.samples, self.seed))
+        grid = pictures.prior_samples(state.model, pictures.prior_latents(state.model, self.samples, self.seed))
         # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
         mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
         self.frames.append((state.epoch, grid))
@@ -303,10 +303,10 @@ class MLflowCallback(Callback):
     def on_fit_end(self, state: TrainingState) -> None:
         if self.frames:
             epochs, grids = zip(*self.frames)
-            gif = artifacts.animated_gif(grids, captions=[f"epoch {epoch}" for epoch in epochs])
+            gif = pictures.animated_gif(grids, captions=[f"epoch {epoch}" for epoch in epochs])
             _log_bytes(gif, "samples/samples.gif")
         if state.history:
-            mlflow.log_image(artifacts.loss_curves(state.history), artifact_file="loss_curves.png")
+            mlflow.log_image(pictures.loss_curves(state.history), artifact_file="loss_curves.png")
 
 
 def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]]:
@@ -331,10 +331,10 @@ def log_evaluation(
     """The test metrics (every entry of ``metrics``: test_elbo_nats, test_nll_nats, ...) and the pictures of the
     trained model: reconstructions.png, latent_space.png and, for a 2-D latent, latent_manifold.png."""
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()})
-    mlflow.log_image(artifacts.reconstructions(model, test, class_names), artifact_file="reconstructions.png")
-    mlflow.log_image(artifacts.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
+    mlflow.log_image(pictures.reconstructions(model, test, class_names), artifact_file="reconstructions.png")
+    mlflow.log_image(pictures.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
     if model.latent_dim == 2:
-        mlflow.log_image(artifacts.latent_manifold(model), artifact_file="latent_manifold.png")
+        mlflow.log_image(pictures.latent_manifold(model), artifact_file="latent_manifold.png")
 
 
 def ui_command(tracking_uri: str, *, host: str = "127.0.0.1", port: int = 5000) -> list[str]:

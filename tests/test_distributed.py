@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from pipeline import data, training
 from pipeline.config import load_config
 from tests.conftest import PROJECT_ROOT, needs_mirror
-from vae.engine import load_checkpoint
+from vae.checkpoint import load_checkpoint
 
 pytestmark = [needs_mirror, pytest.mark.usefixtures("mlflow_store")]
 
@@ -56,7 +56,7 @@ def test_two_processes_make_one_mlflow_run_whose_model_is_the_one_process_model(
     (run,) = all_runs(client)
     assert run.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1]
-    (version,) = client.search_model_versions("name = 'vae-mnist'")
+    (version,) = client.search_model_versions("name = 'vae-mnist-threshold'")
     assert version.run_id == run.info.run_id
 
     config = load_config("default", TINY)

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import data, tracking
+from pipeline import cli, data, tracking
 from pipeline.config import PRESETS, load_config
 from tests.conftest import needs_mirror
 
@@ -145,7 +145,7 @@ def test_a_bad_flow_parameter_fails_before_any_task_runs():
 
 
 def test_a_bad_config_value_on_the_command_line_fails_naming_the_field(capsys):
-    assert flows.main(["train", "--set", "train.learning_rate=-0.001"]) == 2
+    assert cli.main(["train", "--set", "train.learning_rate=-0.001"]) == 2
     assert "train.learning_rate: Input should be greater than 0 (got -0.001)" in capsys.readouterr().err
 
 
@@ -155,7 +155,7 @@ def test_every_preset_runs_one_epoch_through_the_command_line(preset, capsys):
     quick = ["--epochs", "1", "--device", "cpu", "--set", "data.train_subset=256", "--set", "eval.iwae_samples=2"]
     if PRESETS[preset]["data"].get("validation_size", 10_000):
         quick += ["--set", "data.validation_size=500"]
-    assert flows.main(["train", "--preset", preset, *quick]) == 0
+    assert cli.main(["train", "--preset", preset, *quick]) == 0
     printed = capsys.readouterr().out
     assert f"{preset} on {PRESETS[preset]['data']['dataset']}: 1 epochs" in printed
     assert "registered      models:/vae-" in printed
@@ -223,7 +223,7 @@ def test_an_interrupted_run_resumes_in_the_same_mlflow_run_to_the_result_of_an_u
 
 
 def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):
-    assert flows.main(["train", "--resume", "0123456789abcdef"]) == 2
+    assert cli.main(["train", "--resume", "0123456789abcdef"]) == 2
     assert "run 0123456789abcdef has no readable config.json" in capsys.readouterr().err
 
 
@@ -234,23 +234,23 @@ def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsy
     assert (first.alias, second.alias) == ("champion", "challenger")
     capsys.readouterr()
 
-    assert flows.main(["evaluate", "models:/vae-mnist@champion", "--json"]) == 0
+    assert cli.main(["evaluate", "models:/vae-mnist@champion", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["run_id"] == first.run_id
     assert {name: evaluated[name] for name in first.metrics} == first.metrics  # same weights, data and seed
-    assert flows.main(["evaluate", second.run_id, "--iwae-samples", "8"]) == 0
+    assert cli.main(["evaluate", second.run_id, "--iwae-samples", "8"]) == 0
     printed = capsys.readouterr().out
     assert f"runs:/{second.run_id}/model" in printed and "k=8" in printed
 
     picture = tmp_path / "samples.png"
-    assert flows.main(["generate", "vae-mnist", "-n", "10", "-o", str(picture)]) == 0
+    assert cli.main(["generate", "vae-mnist", "-n", "10", "-o", str(picture)]) == 0
     with Image.open(picture) as image:
         assert image.size == (((28 + 2) * 4 + 2) * 2, ((28 + 2) * 3 + 2) * 2)  # 10 images: 3 rows of 4
 
-    assert flows.main(["promote", "vae-mnist", "2", "--reason", "sharper samples"]) == 0
+    assert cli.main(["promote", "vae-mnist", "2", "--reason", "sharper samples"]) == 0
     assert aliases() == {"champion": "2"}
     assert MlflowClient().get_model_version("vae-mnist", "2").tags["promoted_by_hand"] == "sharper samples"
-    assert flows.main(["promote", "vae-mnist", "9", "--reason", "typo"]) == 1
+    assert cli.main(["promote", "vae-mnist", "9", "--reason", "typo"]) == 1
     assert "registered model 'vae-mnist' has no version 9 (its versions: 1, 2)" in capsys.readouterr().err
-    assert flows.main(["evaluate", "models:/vae-fashion-mnist@champion"]) == 1
+    assert cli.main(["evaluate", "models:/vae-fashion-mnist@champion"]) == 1
     assert "no model 'models:/vae-fashion-mnist@champion'" in capsys.readouterr().err

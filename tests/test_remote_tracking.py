@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 import flows
-from pipeline import data, tracking
+from pipeline import cli, data, tracking
 from pipeline.config import load_config
 from tests.conftest import free_port, needs_mirror, running
 
@@ -109,7 +109,7 @@ def test_the_command_line_resumes_evaluates_and_promotes_through_an_mlflow_serve
     first = flows.train_flow(load_config("default", SMALL | {"train.epochs": 1}))
     capsys.readouterr()
 
-    assert flows.main(["train", "--resume", first.run_id, "--epochs", "2"]) == 0
+    assert cli.main(["train", "--resume", first.run_id, "--epochs", "2"]) == 0
     assert f"MLflow run      {first.run_id} (experiment vae-mnist, store {url})" in capsys.readouterr().out
     client = MlflowClient(tracking_uri=url)
     resumed = client.get_run(first.run_id)
@@ -117,10 +117,10 @@ def test_the_command_line_resumes_evaluates_and_promotes_through_an_mlflow_serve
     assert [m.step for m in client.get_metric_history(first.run_id, "train_elbo_nats")] == [1, 2]
     assert client.get_model_version("vae-mnist", "2").run_id == first.run_id
 
-    assert flows.main(["evaluate", "models:/vae-mnist/2", "--json"]) == 0
+    assert cli.main(["evaluate", "models:/vae-mnist/2", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (evaluated["model"], evaluated["run_id"], evaluated["iwae_samples"]) == ("models:/vae-mnist/2", first.run_id, 2)
 
-    assert flows.main(["promote", "vae-mnist", "1", "--reason", "kept for comparison"]) == 0
+    assert cli.main(["promote", "vae-mnist", "1", "--reason", "kept for comparison"]) == 0
     assert client.get_model_version_by_alias("vae-mnist", "champion").version == "1"
     assert client.get_model_version("vae-mnist", "1").tags["promoted_by_hand"] == "kept for comparison"

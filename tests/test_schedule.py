@@ -15,6 +15,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 import flows
+from pipeline import cli
 from pipeline.config import load_config
 from tests.conftest import free_port, needs_mirror, running
 
@@ -113,7 +114,7 @@ def test_serve_creates_a_cron_deployment_whose_every_run_is_a_new_mlflow_run_and
 def test_serve_without_a_prefect_server_refuses_and_says_how_to_start_one(capsys, monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):  # the session's test server is not configured here
-        assert flows.main(["serve", *TINY]) == 2
+        assert cli.main(["serve", *TINY]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: scheduled retraining needs a Prefect server, and PREFECT_API_URL names none")
     assert "prefect server start" in error
@@ -123,7 +124,7 @@ def test_serve_without_a_prefect_server_refuses_and_says_how_to_start_one(capsys
 def test_serve_with_an_unreachable_prefect_server_refuses_naming_it(capsys):
     api_url = f"http://127.0.0.1:{free_port()}/api"
     with temporary_settings(updates={PREFECT_API_URL: api_url}):
-        assert flows.main(["serve", *TINY]) == 2
+        assert cli.main(["serve", *TINY]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"error: no Prefect server answers at PREFECT_API_URL={api_url}")
     assert "`prefect server start`" in error
@@ -140,7 +141,7 @@ def test_serve_with_an_unreachable_prefect_server_refuses_naming_it(capsys):
 )
 def test_serve_with_a_bad_schedule_or_config_fails_before_anything_naming_the_option(options, message, capsys):
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert flows.main(["serve", *TINY, *options]) == 2
+        assert cli.main(["serve", *TINY, *options]) == 2
     assert message in capsys.readouterr().err
 
 

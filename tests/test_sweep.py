@@ -113,17 +113,24 @@ def test_a_combination_that_breaks_a_rule_across_fields_fails_the_sweep():
         sweep.trials(BASE, {"data.validation_size": [100, 0]})
 
 
+@pytest.mark.parametrize("field", ["data.dataset", "data.binarization", "objective.likelihood", "eval.iwae_samples", "data"])
+def test_fields_that_decide_what_the_test_score_measures_cannot_be_swept(field):
+    with pytest.raises(ConfigError) as error:
+        sweep.trials(BASE, {field: ["a", "b"]})
+    assert str(error.value) == (
+        f"{field} cannot be swept: the trials' test scores compare only when they are measured alike, and it decides "
+        "what they measure (pipeline.config.SCORE_FIELDS): set it for the whole sweep with --set"
+    )
+
+
 @pytest.mark.parametrize(
     ("field", "reason"),
     [
-        ("data.dataset", "each data set has its own experiment and registered model: run one sweep per data set"),
-        ("data.binarization", "it changes the test images, so the trials' scores would not compare"),
-        ("objective.likelihood", "it changes what the test score measures, so the trials' scores would not compare"),
-        ("eval.iwae_samples", "every trial is scored the same way: set eval.* for the whole sweep with --set"),
         ("registry.enabled", "only the best trial is registered: set registry.* for the whole sweep with --set"),
+        ("preset", "the preset is the base config: set it with --preset"),
     ],
 )
-def test_fields_that_would_make_the_trials_scores_incomparable_cannot_be_swept(field, reason):
+def test_the_sweeps_own_settings_cannot_be_swept(field, reason):
     with pytest.raises(ConfigError) as error:
         sweep.trials(BASE, {field: ["a", "b"]})
     assert str(error.value) == f"{field} cannot be swept: {reason}"

@@ -8,7 +8,7 @@ import pytest
 from mlflow import MlflowClient
 
 import flows
-from pipeline import tracking
+from pipeline import cli, tracking
 from pipeline.config import load_config
 from tests.conftest import needs_mirror
 
@@ -108,7 +108,7 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
 
 @needs_mirror
 def test_when_every_trial_fails_the_sweep_fails_saying_so_and_registers_nothing(tmp_path, capsys):
-    code = flows.main(["sweep", *TINY_ARGS, "--grid", f"train.learning_rate={DIVERGES},1e13", "--workers", "1"])
+    code = cli.main(["sweep", *TINY_ARGS, "--grid", f"train.learning_rate={DIVERGES},1e13", "--workers", "1"])
     assert code == 1
     assert "error: the sweep failed: " in capsys.readouterr().err
     client = MlflowClient()
@@ -122,7 +122,7 @@ def test_when_every_trial_fails_the_sweep_fails_saying_so_and_registers_nothing(
 
 
 def test_a_bad_grid_value_on_the_command_line_fails_naming_the_field_before_any_run(capsys):
-    assert flows.main(["sweep", "--grid", "model.latent_dim=2,-1", "--grid", "objective.beta=0.5"]) == 2
+    assert cli.main(["sweep", "--grid", "model.latent_dim=2,-1", "--grid", "objective.beta=0.5"]) == 2
     assert capsys.readouterr().err == (
         "error: trial 2 of 2 (model.latent_dim=-1, objective.beta=0.5): invalid config:\n"
         "  model.latent_dim: Input should be greater than 0 (got -1)\n"
@@ -131,8 +131,8 @@ def test_a_bad_grid_value_on_the_command_line_fails_naming_the_field_before_any_
 
 
 def test_a_field_that_cannot_be_swept_is_refused_on_the_command_line(capsys):
-    assert flows.main(["sweep", "--grid", "data.dataset=mnist,fashion-mnist"]) == 2
-    assert "error: data.dataset cannot be swept: each data set has its own experiment" in capsys.readouterr().err
+    assert cli.main(["sweep", "--grid", "data.dataset=mnist,fashion-mnist"]) == 2
+    assert "error: data.dataset cannot be swept: the trials' test scores compare only when" in capsys.readouterr().err
 
 
 def test_a_bad_flow_parameter_fails_the_sweep_before_any_run():

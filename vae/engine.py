@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from vae.checkpoint import restore_checkpoint, save_checkpoint
 from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
+from vae.distributed import check_backend, from_rank_0, rank_and_world_size, resolve_device, sum_over_processes
 from vae.evaluate import evaluate_elbo, uses_sampled_terms
 from vae.models import LatentSample
-from vae.objectives import elbo_terms, iwae_bound_per_image, kl_weight, log_importance_weights, sampled_elbo_terms
+from vae.objectives import elbo_terms, iwae_training_loss, kl_weight, sampled_elbo_terms, training_loss
 
-CHECKPOINT_FORMAT = 1
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
 VALIDATION_BATCH_SIZE = 1000
 
@@ -76,45 +74,6 @@ class Callback:
     def on_epoch_end(self, state: TrainingState) -> None: ...
 
     def on_fit_end(self, state: TrainingState) -> None: ...
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU; any other name is taken as it is and must be available."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but MPS is not available on this machine")
-    return device
-
-
-@contextlib.contextmanager
-def process_group() -> Iterator[tuple[int, int]]:
-    """Join the processes torchrun started and yield (rank, world size); without torchrun yield (0, 1), no group.
-
-    torchrun describes the group in WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. With CUDA the backend
-    is NCCL and process LOCAL_RANK uses GPU LOCAL_RANK; without, it is Gloo on the CPU. The group ends with the block.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        yield 0, 1
-        return
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    else:
-        dist.init_process_group("gloo")
-    try:
-        yield dist.get_rank(), world_size
-    finally:
-        dist.destroy_process_group()
 
 
 class LatentSampler(nn.Module):
@@ -181,7 +140,7 @@ def fit(
     parameters of the best validation epoch are restored at the end. ``metadata`` (plain values) is stored in the
     checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`.
 
-    In a torch.distributed process group (see :func:`process_group`) every process calls ``fit`` with the same data
+    In a torch.distributed process group (see :func:`vae.distributed.process_group`) every process calls ``fit`` with the same data
     and settings and trains with DistributedDataParallel on its contiguous shard of every batch. Every process draws
     the random numbers of the whole batch (shuffle, binarization, reparameterization noise) and keeps its shard's
     rows, so the run ends with the parameters of one process training on the same batches, up to float rounding.
@@ -189,12 +148,9 @@ def fit(
     validation ELBO and shares it, and only rank 0 writes the checkpoint, shows progress and calls the callbacks.
     ``resume_from`` must then name the same checkpoint on every process.
     """
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     device = resolve_device(config.device)
-    if world_size > 1:
-        backend, expected = dist.get_backend(), "cuda" if dist.get_backend() == "nccl" else "cpu"
-        if device.type != expected:
-            raise ValueError(f"device {str(device)!r} cannot train in a {backend} process group: use {expected}")
+    check_backend(device)
     model.to(device)
     train = train.to(device)
     validation = validation.to(device) if validation is not None else None
@@ -204,7 +160,7 @@ def fit(
     noise_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     state = TrainingState(model, make_optimizer(model, config), config, objective, device)
     if resume_from is not None:
-        _restore(state, Path(resume_from), shuffle_generator, noise_generator)
+        restore_checkpoint(state, Path(resume_from), shuffle_generator, noise_generator)
     sampled = uses_sampled_terms(model, objective)
     step_model = LatentSampler(model, objective.samples) if sampled else model
     step_model = DistributedDataParallel(step_model) if world_size > 1 else step_model
@@ -225,7 +181,7 @@ def fit(
             started, val = time.perf_counter(), None
             if rank == 0:
                 val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
-            metrics.update({f"val_{name}": value for name, value in _from_rank_0(val).items()})
+            metrics.update({f"val_{name}": value for name, value in from_rank_0(val).items()})
             state.validation_seconds.append(time.perf_counter() - started)
         state.epoch = epoch
         state.history.append(metrics)
@@ -253,7 +209,7 @@ def _train_epoch(
     show_progress: bool,
 ) -> dict[str, float]:
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
-    rank, world_size = _rank_and_world_size()
+    rank, world_size = rank_and_world_size()
     sampled = uses_sampled_terms(model, objective)
     scheduled = has_schedule(config)
     n = len(train)
@@ -273,31 +229,30 @@ def _train_epoch(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, progress_epochs)
         weight = kl_weight(objective, progress_epochs)
+        # With several processes, each draws the noise of the whole batch, as one process draws it, then keeps its
+        # rows. DDP averages the processes' gradients: each one's loss is its shard's sum over the whole batch's share
+        # per process, which makes that the gradient of the mean over the whole batch, also when the shards differ by
+        # an image (the last batch). In one process this is the batch mean, bit for bit.
+        rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
         if sampled:
             noise = None
-            if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
-                rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
+            if world_size > 1:
                 shape = (objective.samples, len(index), model.latent_dim)
                 noise = torch.randn(shape, generator=noise_generator, device=state.device)[:, rows]
                 x = x[rows]
             with autocast:
                 sample = step_model(x, generator=noise_generator, noise=noise)
             terms = sampled_elbo_terms(x, sample, objective)
-            per_image = -iwae_bound_per_image(log_importance_weights(x, sample, objective, weight))
+            loss = iwae_training_loss(x, sample, objective, weight, len(index) / world_size)
         else:
             eps = None
-            if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
-                rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
+            if world_size > 1:
                 eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
                 x = x[rows]
             with autocast:
                 output = step_model(x, generator=noise_generator, eps=eps)
             terms = elbo_terms(x, output, objective)
-            per_image = terms.reconstruction + weight * terms.kl
-        # DDP averages the gradients of the processes; each one's sum weighted by world_size / batch size makes that
-        # the gradient of the mean over the whole batch, also when the shards differ by an image (the last batch).
-        # In one process this is the batch mean, bit for bit.
-        loss = per_image.sum() / (len(index) / world_size)
+            loss = training_loss(terms, weight, len(index) / world_size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
@@ -307,13 +262,13 @@ def _train_epoch(
         totals += torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
         weighted_kl += weight * len(index)
         if (step + 1) % CHECK_EVERY_STEPS == 0 or step + 1 == steps:
-            _sum_over_processes(losses[checked : step + 1]).div_(world_size)
+            sum_over_processes(losses[checked : step + 1]).div_(world_size)
             checked = step + 1
             _check_finite(losses[: step + 1], epoch)
             bar.set_postfix(loss=f"{losses[step].item():.2f}", refresh=False)
             bar.update(step + 1 - bar.n)
     bar.close()
-    reconstruction, kl = (_sum_over_processes(totals) / n).tolist()
+    reconstruction, kl = (sum_over_processes(totals) / n).tolist()
     metrics = {
         "train_loss": losses.mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
@@ -326,29 +281,6 @@ def _train_epoch(
     return metrics
 
 
-def _rank_and_world_size() -> tuple[int, int]:
-    """This process's rank and the number of processes training together: (0, 1) without a process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _sum_over_processes(values: Tensor) -> Tensor:
-    """``values``, summed in place over the processes training together (as they are in a single process)."""
-    if _rank_and_world_size()[1] > 1:
-        dist.all_reduce(values)
-    return values
-
-
-def _from_rank_0(value: Any) -> Any:
-    """``value`` as rank 0 has it, on every process (as it is in a single process)."""
-    if _rank_and_world_size()[1] == 1:
-        return value
-    shared = [value]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
-
-
 def _out_of_time(state: TrainingState) -> bool:
     """Whether another epoch, as long as the mean one so far, would end past ``max_minutes`` of training. Every
     process decides on rank 0's clock, so that all of them stop at the same epoch."""
@@ -356,7 +288,7 @@ def _out_of_time(state: TrainingState) -> bool:
     if limit is None or not state.epoch_seconds:
         return False
     per_epoch_minutes = state.training_minutes / len(state.epoch_seconds)
-    return bool(_from_rank_0(state.training_minutes + per_epoch_minutes > limit))
+    return bool(from_rank_0(state.training_minutes + per_epoch_minutes > limit))
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:
@@ -375,82 +307,3 @@ def _track_best(state: TrainingState, val_elbo_nats: float) -> None:
         state.epochs_without_improvement += 1
         patience = state.train_config.early_stopping_patience
         state.stopped_early = patience is not None and state.epochs_without_improvement >= patience
-
-
-def save_checkpoint(
-    path: Path,
-    state: TrainingState,
-    shuffle_generator: torch.Generator,
-    noise_generator: torch.Generator,
-    metadata: dict[str, Any] | None = None,
-) -> None:
-    """Write the state atomically (a temporary file renamed over ``path``), loadable with ``weights_only=True``."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": state.epoch,
-        "model": state.model.state_dict(),
-        "optimizer": state.optimizer.state_dict(),
-        "rng": {"shuffle": shuffle_generator.get_state(), "noise": noise_generator.get_state().cpu()},
-        "history": state.history,
-        "epoch_seconds": state.epoch_seconds,
-        "validation_seconds": state.validation_seconds,
-        "early_stopping": {
-            "best_val_elbo_nats": state.best_val_elbo_nats,
-            "best_epoch": state.best_epoch,
-            "epochs_without_improvement": state.epochs_without_improvement,
-            "best_model": state.best_model_state,
-            "stopped_early": state.stopped_early,
-        },
-        "train_config": state.train_config.model_dump(mode="json"),
-        "objective": state.objective.model_dump(mode="json"),
-        "metadata": metadata or {},
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def load_checkpoint(path: Path | str, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`fit`, read with ``weights_only=True``; a damaged file gets a clear error."""
-    path = Path(path)
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise ValueError(f"{path}: not a readable checkpoint ({error.__class__.__name__}: {error})") from error
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a checkpoint of format {CHECKPOINT_FORMAT}")
-    return payload
-
-
-def _restore(state: TrainingState, path: Path, shuffle_generator: torch.Generator, noise_generator: torch.Generator) -> None:
-    checkpoint = load_checkpoint(path, map_location=state.device)
-    saved = TrainConfig.model_validate(checkpoint["train_config"])
-    changed = [name for name in TrainConfig.model_fields if name not in ("epochs", "device", "max_minutes") and getattr(saved, name) != getattr(state.train_config, name)]
-    if changed:
-        raise ValueError(f"{path}: cannot resume with different training settings ({', '.join(changed)})")
-    if ObjectiveConfig.model_validate(checkpoint["objective"]) != state.objective:
-        raise ValueError(f"{path}: cannot resume with a different objective")
-    state.model.load_state_dict(checkpoint["model"])
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
-    shuffle_generator.set_state(checkpoint["rng"]["shuffle"].cpu())
-    noise_generator.set_state(checkpoint["rng"]["noise"].cpu())
-    state.epoch = checkpoint["epoch"]
-    state.history = list(checkpoint["history"])
-    state.epoch_seconds = list(checkpoint["epoch_seconds"])
-    state.validation_seconds = list(checkpoint.get("validation_seconds", []))
-    early = checkpoint["early_stopping"]
-    state.best_val_elbo_nats = early["best_val_elbo_nats"]
-    state.best_epoch = early["best_epoch"]
-    state.epochs_without_improvement = early["epochs_without_improvement"]
-    state.best_model_state = early["best_model"]
-    state.stopped_early = early["stopped_early"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -13,7 +11,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from vae.config import ObjectiveConfig
 from vae.data import ImageSet
-from vae.models import VAE, HierarchicalVAE
+from vae.models import VAE, HierarchicalVAE, eval_mode
 from vae.objectives import elbo_terms, log_importance_weights, sampled_elbo_terms
 
 # The IWAE noise of a batch is drawn in blocks of this many samples, whatever the chunk size, so that the noise of
@@ -60,7 +58,7 @@ def evaluate_elbo(
     sampled = not model.has_closed_form_kl
     generator = torch.Generator(device=data.device).manual_seed(seed)
     reconstruction, kl = _mean_metric(data.device), _mean_metric(data.device)
-    with _eval_mode(model), torch.inference_mode(), _frozen_prior(model):
+    with eval_mode(model), torch.inference_mode(), _frozen_prior(model):
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             if sampled:
@@ -102,7 +100,7 @@ def iwae_bound(
     generator = torch.Generator(device=data.device).manual_seed(seed)
     bound = _mean_metric(data.device)
     log_k = math.log(samples)
-    with _eval_mode(model), torch.inference_mode(), _frozen_prior(model):
+    with eval_mode(model), torch.inference_mode(), _frozen_prior(model):
         for start in range(0, len(data), batch_size):
             x = data.batch(slice(start, start + batch_size), generator)
             posterior = model.posterior(x)
@@ -148,18 +146,6 @@ def _mean_metric(device: torch.device) -> MeanMetric:
     metric = MeanMetric(nan_strategy="disable", sync_on_compute=False).to(device)
     # Sum in float64 where the device has it (MPS does not).
     return metric.set_dtype(torch.float32 if device.type == "mps" else torch.float64)
-
-
-@contextmanager
-def _eval_mode(model: Model) -> Iterator[None]:
-    """The model in eval mode, each submodule's training flag put back afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _frozen_prior(model: Model) -> contextlib.AbstractContextManager:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -286,6 +288,18 @@ def _hierarchical_parts(model: HierarchicalVAE) -> tuple:
         model.top_encoder, model.bottom_encoder, model.conditional_prior, model.decoder, model.latent_dims,
         model.image_shape, model.prior, model.logvar_limits,
     )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block, each submodule's training flag put back afterwards."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def build_model(config: ModelConfig, seed: int | None = None) -> VAE | HierarchicalVAE:

@@ -60,6 +60,18 @@ def elbo_terms(x: Tensor, output: VAEOutput, config: ObjectiveConfig) -> ElboTer
     )
 
 
+def training_loss(terms: ElboTerms, weight: float, images: float | None = None) -> Tensor:
+    """The loss a training step minimizes: the negative ELBO with its KL term weighted, (reconstruction + weight * KL)
+    summed over the batch and divided by ``images`` (default: the batch size, so the batch mean in nats).
+
+    With ``weight`` 1 this is the negative ELBO per image; :func:`kl_weight` gives beta, ramped over any warm-up.
+    Training spread over processes divides each process's sum by the whole batch's share per process (see
+    :func:`vae.engine.fit`).
+    """
+    per_image = terms.reconstruction + weight * terms.kl
+    return per_image.sum() / (len(per_image) if images is None else images)
+
+
 def kl_weight(config: ObjectiveConfig, progress_epochs: float) -> float:
     """beta, ramped linearly from 0 over the first ``kl_warmup_epochs`` (progress counted in fractional epochs)."""
     if config.kl_warmup_epochs <= 0:
@@ -80,6 +92,19 @@ def log_importance_weights(x: Tensor, sample: LatentSample, config: ObjectiveCon
 def iwae_bound_per_image(log_weights: Tensor) -> Tensor:
     """log (1/k) sum_i w_i per image, [B], from log weights [k, B]: the importance-weighted bound on log p(x)."""
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+def iwae_training_loss(
+    x: Tensor, sample: LatentSample, config: ObjectiveConfig, weight: float = 1.0, images: float | None = None
+) -> Tensor:
+    """The loss a training step on the importance-weighted bound minimizes: minus each image's bound
+    log (1/k) sum_i w_i (its log p(z) - log q(z|x) weighted by ``weight``, see :func:`log_importance_weights`), summed
+    over the batch and divided by ``images`` (default: the batch size), as :func:`training_loss` divides.
+
+    With k = 1 it is :func:`training_loss` of the one-sample Monte Carlo ELBO terms.
+    """
+    per_image = -iwae_bound_per_image(log_importance_weights(x, sample, config, weight))
+    return per_image.sum() / (len(per_image) if images is None else images)
 
 
 def sampled_elbo_terms(x: Tensor, sample: LatentSample, config: ObjectiveConfig) -> ElboTerms:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.config import PRESETS, ConfigError, RunConfig, load_config, parse_override
+from pipeline.config import PRESETS, ConfigError, RunConfig, comparability_changes, comparable_on, load_config, parse_override
 
 
 def test_default_config_is_the_pytorch_examples_mlp_on_dynamically_binarized_mnist():
@@ -101,3 +101,38 @@ def test_config_round_trips_through_json():
     for preset in PRESETS:
         config = load_config(preset)
         assert RunConfig.model_validate_json(config.model_dump_json()) == config
+
+
+def test_each_data_set_has_one_experiment():
+    assert load_config("default").experiment_name == "vae-mnist"
+    assert load_config("tf-fashion-mlp").experiment_name == "vae-fashion-mnist"
+
+
+def test_registered_models_are_one_per_comparable_family_of_data_set_binarization_and_likelihood():
+    assert {preset: load_config(preset).model_name for preset in PRESETS} == {
+        "default": "vae-mnist",
+        "tf-fashion-mlp": "vae-fashion-mnist-grayscale",
+        "vae-tutorial-mlp": "vae-mnist-grayscale",
+        "keras-conv-fashion": "vae-fashion-mnist-grayscale",
+        "tf-cvae-mnist": "vae-mnist-threshold",
+        "matlab-conv-mnist": "vae-mnist-grayscale-gaussian",
+    }
+    assert load_config("default", {"data.dataset": "fashion-mnist"}).model_name == "vae-fashion-mnist"
+    assert load_config("default", {"data.binarization": "static"}).model_name == "vae-mnist-static"
+
+
+def test_test_numbers_compare_on_the_test_images_the_likelihood_and_the_iwae_samples():
+    assert comparable_on(load_config("default")) == {
+        "data.dataset": "mnist", "data.binarization": "dynamic", "data.binarization_seed": 0,
+        "objective.likelihood": "bernoulli", "objective.gaussian_std": 1.0, "eval.iwae_samples": 1000, "eval.seed": 0,
+    }
+    # what training does is not what the score measures
+    assert comparable_on(load_config("default", {"train.epochs": 3, "model.latent_dim": 2})) == comparable_on(load_config("default"))
+
+
+def test_what_makes_two_runs_incomparable_is_named_field_by_field():
+    ours = comparable_on(load_config("default", {"eval.iwae_samples": 5000, "data.binarization_seed": 1}))
+    assert comparability_changes(ours, comparable_on(load_config("default"))) == [
+        "data.binarization_seed: 0 -> 1", "eval.iwae_samples: 1000 -> 5000",
+    ]
+    assert comparability_changes(ours, ours) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +13,16 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from pipeline.config import load_config
+from pipeline.config import comparable_on, load_config
 from pipeline.registry import (
     PromotionDecision,
     RegistryError,
+    assign_alias,
     champion,
     log_model,
     primary_metric,
     promote,
-    register,
-    registered_model_name,
+    register_version,
 )
 from vae.config import ModelConfig
 from vae.models import VAE, ServingVAE, build_model
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 MNIST = load_config("default", {"eval.iwae_samples": 0})
 STATIC_MNIST = load_config("default", {"data.binarization": "static"})
-FASHION = load_config("tf-fashion-mlp")
+FASHION = load_config("default", {"data.dataset": "fashion-mnist"})
 
 
 @dataclass
@@ -47,7 +48,8 @@ class Store:
     run_id: str
 
     def register(self, config=MNIST, margin: float = 0.0, **metrics: float) -> PromotionDecision:
-        return register(self.model_uri, config, metrics, self.run_id, margin=margin, client=self.client)
+        version = register_version(self.model_uri, config, metrics, self.run_id)
+        return assign_alias(config, metrics, version, margin=margin, client=self.client)
 
     def aliases(self, name: str = "vae-mnist") -> dict[str, str]:
         """Alias -> version, as text (the SQL store gives numbers, the REST store text)."""
@@ -85,11 +87,6 @@ def store(template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _use_store(monkeypatch, tmp_path / "mlflow.db")
     yield Store(MlflowClient(), model, example, model_uri, run_id)
     mlflow.set_tracking_uri(None)
-
-
-def test_registered_names_are_one_per_data_set():
-    assert registered_model_name("mnist") == "vae-mnist"
-    assert registered_model_name("fashion-mnist") == "vae-fashion-mnist"
 
 
 def test_the_primary_metric_is_the_nll_when_measured_else_the_elbo():
@@ -188,15 +185,24 @@ def test_a_version_whose_metric_is_not_finite_is_never_champion(store):
     assert store.aliases() == {"challenger": "1"}
 
 
-def test_a_champion_with_another_binarization_is_not_compared(store):
+def test_another_binarization_competes_in_its_own_registered_model(store):
     store.register(test_nll_nats=89.0)
-    decision = store.register(STATIC_MNIST, test_nll_nats=80.0)
+    decision = store.register(STATIC_MNIST, test_nll_nats=95.0)
 
-    assert (decision.alias, decision.champion_version, decision.champion_value) == ("challenger", "1", None)
-    assert decision.reason == (
-        "not comparable with champion v1: binarization 'static' differs from the champion's 'dynamic'"
-    )
-    assert store.aliases() == {"champion": "1", "challenger": "2"}
+    assert (decision.version, decision.alias, decision.champion_version) == ("1", "champion", None)
+    assert store.aliases("vae-mnist-static") == {"champion": "1"}
+    assert store.aliases("vae-mnist") == {"champion": "1"}
+
+
+def test_a_champion_scored_on_other_test_images_or_another_way_is_not_compared(store):
+    store.register(test_nll_nats=89.0)
+    other_images = store.register(load_config("default", {"eval.iwae_samples": 0, "data.binarization_seed": 5}), test_nll_nats=80.0)
+    other_k = store.register(load_config("default", {"eval.iwae_samples": 5000}), test_nll_nats=80.0)
+
+    assert (other_images.alias, other_images.champion_version, other_images.champion_value) == ("challenger", "1", None)
+    assert other_images.reason == "not comparable with champion v1: data.binarization_seed: 0 -> 5"
+    assert other_k.reason == "not comparable with champion v1: eval.iwae_samples: 0 -> 5000"
+    assert store.aliases() == {"champion": "1", "challenger": "3"}
 
 
 def test_a_champion_without_the_primary_metric_is_not_compared(store):
@@ -222,6 +228,7 @@ def test_version_tags_carry_the_run_the_config_the_test_metrics_and_the_decision
         "binarization": "dynamic",
         "preset": "default",
         "primary_metric": "test_nll_nats",
+        "comparable_on": json.dumps(comparable_on(MNIST), sort_keys=True),
         "test_nll_nats": "88.75",
         "test_elbo_nats": "-94.25",
         "test_bits_per_dim": "0.16",

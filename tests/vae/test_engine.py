@@ -12,7 +12,9 @@ import torch
 from tests.conftest import free_port
 from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
 from vae.data import ImageSet, binarize
-from vae.engine import Callback, NonFiniteLossError, fit, learning_rate, load_checkpoint, process_group, resolve_device
+from vae.checkpoint import load_checkpoint
+from vae.distributed import process_group, resolve_device
+from vae.engine import Callback, NonFiniteLossError, fit, learning_rate
 from vae.models import build_model
 
 MODEL = ModelConfig(architecture="mlp", hidden_dims=(32,), latent_dim=4)

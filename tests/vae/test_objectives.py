@@ -9,8 +9,8 @@ import torch
 from vae.config import ModelConfig, ObjectiveConfig
 from vae.models import LatentSample, VAEOutput, build_model
 from vae.objectives import (
-    elbo_terms, iwae_bound_per_image, kl_divergence, kl_weight, log_importance_weights, log_normal, reconstruction_nll,
-    sampled_elbo_terms,
+    ElboTerms, elbo_terms, iwae_bound_per_image, iwae_training_loss, kl_divergence, kl_weight, log_importance_weights,
+    log_normal, reconstruction_nll, sampled_elbo_terms, training_loss,
 )
 
 generator = torch.Generator().manual_seed(0)
@@ -75,6 +75,14 @@ def test_kl_weight_ramps_linearly_over_the_warm_up_then_stays_at_beta():
     assert kl_weight(ObjectiveConfig(beta=0.5), 0) == 0.5
 
 
+def test_the_training_loss_is_the_batch_mean_of_reconstruction_plus_weighted_kl():
+    terms = ElboTerms(reconstruction=torch.tensor([1.0, 2.0]), kl=torch.tensor([3.0, 5.0]))
+
+    assert training_loss(terms, weight=1.0).item() == (1.0 + 3.0 + 2.0 + 5.0) / 2  # the negative ELBO per image
+    assert training_loss(terms, weight=0.5).item() == (1.0 + 1.5 + 2.0 + 2.5) / 2
+    assert training_loss(terms, weight=0.5, images=4).item() == (1.0 + 1.5 + 2.0 + 2.5) / 4  # a shard of 4 images
+
+
 # --- the importance-weighted bound -----------------------------------------------------------------------------------
 
 
@@ -90,9 +98,11 @@ def test_importance_weighted_objective_with_one_sample_equals_the_elbo_objective
     sample = model.latent_sample(model.posterior(X), eps.unsqueeze(0))
     for weight in (1.0, 0.25, 0.0):
         terms = elbo_terms(X, output, ObjectiveConfig(kl="monte_carlo"))
-        elbo_loss = terms.reconstruction + weight * terms.kl
-        iwae_loss = -iwae_bound_per_image(log_importance_weights(X, sample, ObjectiveConfig(bound="iwae"), weight))
-        torch.testing.assert_close(iwae_loss, elbo_loss, rtol=1e-6, atol=1e-4)
+        elbo_loss = training_loss(terms, weight)
+        iwae_loss = iwae_training_loss(X, sample, ObjectiveConfig(bound="iwae"), weight)
+        assert iwae_loss.item() == pytest.approx(elbo_loss.item(), rel=1e-6)
+        per_image = -iwae_bound_per_image(log_importance_weights(X, sample, ObjectiveConfig(bound="iwae"), weight))
+        torch.testing.assert_close(per_image, terms.reconstruction + weight * terms.kl, rtol=1e-6, atol=1e-4)
     sampled = sampled_elbo_terms(X, sample, ObjectiveConfig(bound="iwae"))
     torch.testing.assert_close(sampled.reconstruction, terms.reconstruction)
     torch.testing.assert_close(sampled.kl, terms.kl, rtol=1e-5, atol=1e-4)

@@ -8,7 +8,7 @@ import torch
 from matplotlib import _pylab_helpers
 from PIL import Image
 
-from pipeline.artifacts import (
+from pipeline.pictures import (
     PAD_VALUE,
     animated_gif,
     class_examples,

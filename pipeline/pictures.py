@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from vae.data import ImageSet
+from vae.models import eval_mode
 
 # Figures are drawn on matplotlib.figure.Figure with an Agg canvas of their own: no pyplot, no backend switch, no
 # figure kept alive by a global registry.
@@ -68,7 +68,7 @@ def prior_latents(model: nn.Module, n: int, seed: int = 0) -> Tensor:
     if getattr(model, "has_closed_form_kl", True):
         return fixed_latents(n, _latent_dim(model), seed)
     generator = torch.Generator(device=_parameter(model).device).manual_seed(seed)
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         return model.sample_latents(n, generator).float().cpu()
 
 
@@ -141,7 +141,7 @@ def reconstructions(
     flat = index.flatten()
     present = flat >= 0
     originals = data.pixels[flat.clamp(min=0).to(data.device)].cpu()
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         rebuilt = torch.cat([_decode_from(model, batch) for batch in originals.split(ENCODE_BATCH_SIZE)])
     channels, height, width = originals.shape[1:]
     blank = torch.full_like(originals, PAD_VALUE)
@@ -334,19 +334,6 @@ def loss_curves(history: Sequence[Mapping[str, float]]) -> Image.Image:
 # --- helpers -------------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no gradients inside; every module's training flag restored afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def _parameter(model: nn.Module) -> Tensor | None:
     return next(iter(model.parameters()), None)
 
@@ -364,7 +351,7 @@ def _to_model(model: nn.Module, x: Tensor) -> Tensor:
 
 def _decode(model: nn.Module, z: Tensor) -> Tensor:
     """Mean images sigmoid(decode(z)) on the CPU, decoded in batches in eval mode."""
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         batches = z.split(ENCODE_BATCH_SIZE)
         return torch.cat([torch.sigmoid(model.decode(_to_model(model, b))).float().cpu() for b in batches])
 
@@ -375,7 +362,7 @@ def _decode_from(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def _posterior_means(model: nn.Module, pixels: Tensor) -> Tensor:
-    with _evaluating(model):
+    with eval_mode(model), torch.no_grad():
         return torch.cat([model.encode(_to_model(model, b))[0].float().cpu() for b in pixels.split(ENCODE_BATCH_SIZE)])
 
 

@@ -1,0 +1,318 @@
+"""The command line (`python flows.py <command>`, or `vae-pipeline`): train, serve, sweep, evaluate, generate, promote, ui.
+
+Each command imports what it needs when it runs: help and a bad option or config answer at once, and the commands
+that need no Prefect (evaluate, generate, promote, ui) never start or reach a Prefect server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.config import (
+    DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, PRESETS, ConfigError, RunConfig, load_config, parse_override, with_overrides,
+)
+
+if TYPE_CHECKING:
+    from flows import TrainingOutcome
+
+NO_PREFECT_SERVER = """scheduled retraining needs a Prefect server, and PREFECT_API_URL names none (without one, Prefect
+would use a temporary server that ends with this command, and nothing would ever run on schedule). Start one, point
+PREFECT_API_URL at it, then serve again:
+  prefect server start                                # in another terminal; listens on http://127.0.0.1:4200
+  export PREFECT_API_URL=http://127.0.0.1:4200/api    # or: prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api"""
+
+
+def _config_from(args: argparse.Namespace) -> RunConfig:
+    overrides = dict(parse_override(text) for text in args.overrides)
+    shortcuts = {"data.dataset": args.dataset, "train.epochs": args.epochs, "train.device": args.device}
+    overrides.update({key: value for key, value in shortcuts.items() if value is not None})
+    if args.resume is not None:
+        from pipeline import tracking
+
+        tracking.ensure_store()
+        return with_overrides(tracking.run_config(args.resume), overrides)
+    return load_config(args.preset, overrides, file=args.config)
+
+
+def _checked_device(config: RunConfig) -> None:
+    """Refuse a device this machine does not have (a RuntimeError naming it), before any work starts."""
+    from vae.distributed import resolve_device
+
+    resolve_device(config.train.device)
+
+
+def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
+    from pipeline.training import likelihood_note
+
+    print(f"  test ELBO       {metrics['test_elbo_nats']:9.2f} nats  (reconstruction {metrics['test_reconstruction_nats']:.2f}, KL {metrics['test_kl_nats']:.2f})")
+    if "test_nll_nats" in metrics:
+        print(f"  test NLL (IWAE) {metrics['test_nll_nats']:9.2f} nats  ({metrics['test_bits_per_dim']:.4f} bits/dim, k={config.eval.iwae_samples})")
+    if note := likelihood_note(config):
+        print(f"  note            {note}")
+
+
+def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
+    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs, {outcome.training_minutes:.1f} minutes of training")
+    _print_metrics(config, outcome.metrics)
+    print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {outcome.tracking_uri})")
+    if outcome.version is not None:
+        print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
+    print("  open the UI     python flows.py ui")
+
+
+def _train(args: argparse.Namespace) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.resume is not None:
+        return _fail(ValueError("--resume continues a run in one process: launch it without torchrun"), 2)
+    try:
+        config = _config_from(args)
+        _checked_device(config)
+    except (ConfigError, RuntimeError) as error:
+        return _fail(error, 2)
+    from vae.distributed import process_group
+
+    with process_group() as (rank, _):  # under torchrun: every process it started; else this one alone
+        if rank != 0:
+            return _train_shard(config)
+        from flows import train_flow
+
+        outcome = train_flow(config, resume_run_id=args.resume, return_state=True)
+        if outcome.is_failed():
+            print(f"error: the training flow failed: {outcome.message}", file=sys.stderr)
+            return 1
+        _print_outcome(config, outcome.result())
+        return 0
+
+
+def _train_shard(config: RunConfig) -> int:
+    """A torchrun process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
+    from pipeline import data, training
+    from vae.engine import NonFiniteLossError
+
+    prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
+    try:
+        training.train(config, prepared)
+    except NonFiniteLossError as error:
+        # Rank 0 stopped at the same step and ends its MLflow run FAILED with the error, then exits 1. Exiting 1
+        # here first would make torchrun stop rank 0 before it has.
+        print(f"error: {error} (rank 0 records it)", file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        config = _config_from(args)
+        _checked_device(config)
+    except (ConfigError, RuntimeError) as error:
+        return _fail(error, 2)
+    import flows
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from pipeline import tracking
+
+    try:
+        schedule = flows.retraining_schedule(args.cron, args.timezone)
+    except ConfigError as error:
+        return _fail(error, 2)
+    api_url = PREFECT_API_URL.value()
+    if not api_url:
+        print(f"error: {NO_PREFECT_SERVER}", file=sys.stderr)
+        return 2
+    with get_client(sync_client=True) as client:
+        unreachable = client.api_healthcheck()
+    if unreachable is not None:
+        print(f"error: no Prefect server answers at PREFECT_API_URL={api_url} ({unreachable}); start it with "
+              "`prefect server start`, or point PREFECT_API_URL at a running one", file=sys.stderr)
+        return 2
+    tracking_uri = tracking.ensure_store()
+    name = args.name or f"scheduled-retraining-{config.preset}"
+    deployment = f"{flows.train_flow.name}/{name}"
+    print(f"deployment      {deployment} on the Prefect server at {api_url}")
+    print(f"  schedule      {schedule.cron} ({schedule.timezone}), next run {flows.next_run_time(schedule):%Y-%m-%d %H:%M %Z}")
+    print(f"  each run      {config.preset} on {config.data.dataset}, {config.train.epochs} epochs: a new MLflow run in "
+          f"experiment {config.experiment_name} of {tracking_uri}, registered as a new version of {config.model_name} "
+          "that competes for champion")
+    print(f"  run it now    prefect deployment run '{deployment}'")
+    print("This process runs the deployment's flow runs: keep it running (Ctrl-C stops it and pauses the schedule).", flush=True)
+    flows.serve_retraining(config, schedule, name)
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from pipeline import sweep
+
+    try:
+        base = _config_from(args)
+        grid = sweep.parse_grid(args.grid)
+        sweep.trials(base, grid, samples=args.samples, seed=args.seed)  # every trial's config, checked before any work
+    except ConfigError as error:
+        return _fail(error, 2)
+    import flows
+
+    runner = flows.dask_task_runner(args.dask_address, args.workers or LOCAL_WORKERS)
+    state = flows.sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
+    if state.is_failed():
+        print(f"error: the sweep failed: {state.message}", file=sys.stderr)
+        return 1
+    outcome: flows.SweepOutcome = state.result()
+    print(f"\n{len(outcome.leaderboard)} trials of {base.preset} on {base.data.dataset}, best first:")
+    print(outcome.leaderboard.fillna({"error": ""}).to_string(index=False, max_colwidth=80))
+    print(f"  MLflow run      {outcome.run_id} with the trials nested (experiment {base.experiment_name}, store {outcome.tracking_uri})")
+    print(f"  best            trial {outcome.best_trial}, run {outcome.best_run_id}")
+    if outcome.version is not None:
+        print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")
+    print("  open the UI     python flows.py ui")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipeline import data, registry, tracking, training
+    from vae.distributed import resolve_device
+
+    tracking.ensure_store()
+    try:
+        device = resolve_device(args.device)
+        loaded = registry.load(args.model, device=device)
+        overrides = {"eval.iwae_samples": args.iwae_samples} if args.iwae_samples is not None else {}
+        config = with_overrides(loaded.config, overrides)
+        prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
+    except (ConfigError, RuntimeError, LookupError, data.DataError) as error:
+        return _fail(error, 1)
+    metrics = training.evaluate(loaded.model, prepared.test, config)
+    if args.json:
+        print(json.dumps({"model": loaded.uri, "run_id": loaded.run_id, "iwae_samples": config.eval.iwae_samples, **metrics}))
+    else:
+        print(f"{loaded.uri} (run {loaded.run_id}) on the {config.data.dataset} test set:")
+        _print_metrics(config, metrics)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline import pictures, registry, tracking
+
+    tracking.ensure_store()
+    try:
+        loaded = registry.load(args.model)
+    except LookupError as error:
+        return _fail(error, 1)
+    images = loaded.model.sample(args.n, generator=torch.Generator().manual_seed(args.seed))
+    pictures.image_grid(images, *pictures.grid_shape(args.n)).save(args.output)
+    print(f"{args.n} samples of {loaded.uri} written to {args.output}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from pipeline import registry, tracking
+
+    tracking.ensure_store()
+    try:
+        registry.promote(args.name, args.version, args.reason)
+    except LookupError as error:
+        return _fail(error, 1)
+    print(f"models:/{args.name}@{registry.CHAMPION} is now version {args.version} ({args.reason})")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from pipeline import tracking
+
+    uri = tracking.default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {uri}")
+        return 0
+    command = tracking.ui_command(tracking.ensure_store(uri), host=args.host, port=args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(command[0], command)
+
+
+def _fail(error: BaseException, code: int) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # downloads here are a few small files
+    parser = argparse.ArgumentParser(prog="flows.py", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    config_options = argparse.ArgumentParser(add_help=False)  # the run config, shared by train, serve and sweep
+    config_options.add_argument("--preset", default="default", choices=sorted(PRESETS), help="the starting config (default: %(default)s)")
+    config_options.add_argument("--config", type=Path, help="a TOML or JSON file of settings applied over the preset")
+    config_options.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE", help="override one setting, e.g. --set model.latent_dim=2 (repeatable)")
+    config_options.add_argument("--dataset", choices=["mnist", "fashion-mnist"], help="shortcut for --set data.dataset=...")
+    config_options.add_argument("--epochs", type=int, help="shortcut for --set train.epochs=...")
+    config_options.add_argument("--device", help="shortcut for --set train.device=... (auto, cpu, cuda, mps)")
+
+    train = commands.add_parser("train", parents=[config_options], help="run the training flow (a preset plus overrides)")
+    train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint, with its config (plus --epochs, --set)")
+    train.set_defaults(handler=_train)
+
+    serve = commands.add_parser(
+        "serve", parents=[config_options],
+        help="retrain on a cron schedule: create a deployment of the training flow on the Prefect server and run it",
+        description="Create a deployment of the training flow with a cron schedule on the Prefect server that "
+        "PREFECT_API_URL names, and run its flow runs in this process until Ctrl-C (which pauses the schedule). "
+        "Each run is a new MLflow run and a new registered version that competes for champion.",
+    )
+    serve.add_argument("--cron", default=DEFAULT_RETRAINING_CRON, help="when to retrain: minute hour day-of-month month day-of-week (default: %(default)r, Mondays at 03:00)")
+    serve.add_argument("--timezone", default="UTC", help="the IANA time zone the cron expression is read in (default: %(default)s)")
+    serve.add_argument("--name", help="the deployment's name (default: scheduled-retraining-<preset>)")
+    serve.set_defaults(handler=_serve, resume=None)
+
+    sweeps = commands.add_parser(
+        "sweep", parents=[config_options],
+        help="train a grid (or a random sample) of configs in parallel on Dask, nested under one MLflow run; register the best",
+        description="Train every combination of the --grid values over the base config (--preset, --config, --set) as "
+        "Prefect tasks on Dask, each trial an MLflow run nested under the sweep's run. The leaderboard goes to the "
+        "sweep's run as leaderboard.csv and to Prefect as a table artifact; the best trial is registered and competes "
+        "for champion. A failing trial is a failed row and does not stop the others.",
+    )
+    sweeps.add_argument("--grid", action="append", required=True, metavar="SECTION.FIELD=V1,V2,...", help="a swept field and its values, read as JSON when they parse, e.g. --grid model.latent_dim=2,10,20 or --grid model.hidden_dims=[400],[512,256] (repeatable: the trials are every combination)")
+    sweeps.add_argument("--samples", type=int, metavar="N", help="train N distinct combinations drawn at random instead of all of them")
+    sweeps.add_argument("--seed", type=int, default=0, help="seed of the --samples draws (default: %(default)s)")
+    sweeps.add_argument("--dask-address", metavar="ADDRESS", help="run the trials on an existing Dask scheduler, e.g. tcp://127.0.0.1:8786 (default: a local cluster)")
+    sweeps.add_argument("--workers", type=int, help=f"worker processes of the local cluster, one trial at a time each (default: {LOCAL_WORKERS})")
+    sweeps.set_defaults(handler=_sweep, resume=None)
+
+    model_help = "models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model, a registered model name or a run id"
+    evaluate = commands.add_parser("evaluate", help="evaluate a registered model or a run's model on its test set")
+    evaluate.add_argument("model", help=model_help)
+    evaluate.add_argument("--iwae-samples", type=int, help="importance samples of the NLL estimate (published numbers use 5000; default: the run's)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    evaluate.set_defaults(handler=_evaluate)
+
+    generate = commands.add_parser("generate", help="decode images from the prior of a model into a PNG grid")
+    generate.add_argument("model", help=model_help)
+    generate.add_argument("-n", type=int, default=64, help="how many images (default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the latent draws (default: %(default)s)")
+    generate.add_argument("-o", "--output", type=Path, default=Path("samples.png"), help="the PNG to write (default: %(default)s)")
+    generate.set_defaults(handler=_generate)
+
+    promote = commands.add_parser("promote", help="move the champion alias to a version by hand, recording why")
+    promote.add_argument("name", help="the registered model, e.g. vae-mnist")
+    promote.add_argument("version", help="the version that becomes champion")
+    promote.add_argument("--reason", required=True, help="why, recorded on the version")
+    promote.set_defaults(handler=_promote)
+
+    ui = commands.add_parser("ui", help="start the MLflow UI over the tracking store and print its address")
+    ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    ui.add_argument("--port", type=int, default=5000, help="(default: %(default)s)")
+    ui.set_defaults(handler=_ui)
+
+    args = parser.parse_args(argv)
+    if getattr(args, "n", 1) < 1:
+        parser.error("-n must be at least 1")
+    if getattr(args, "workers", None) is not None and (args.workers < 1 or args.dask_address):
+        parser.error("--workers sizes the local cluster: at least 1, and not with --dask-address (whose workers run the trials)")
+    return args.handler(args)
+
+
