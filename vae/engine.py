@@ -20,8 +20,7 @@ from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
 from vae.distributed import check_backend, from_rank_0, rank_and_world_size, resolve_device, sum_over_processes
 from vae.evaluate import evaluate_elbo, uses_sampled_terms
-from vae.models import LatentSample
-from vae.objectives import elbo_terms, iwae_training_loss, kl_weight, sampled_elbo_terms, training_loss
+from vae.objectives import ElboTerms, elbo_terms, iwae_training_loss, kl_weight, sampled_elbo_terms, training_loss
 
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
 VALIDATION_BATCH_SIZE = 1000
@@ -76,20 +75,21 @@ class Callback:
     def on_fit_end(self, state: TrainingState) -> None: ...
 
 
-class LatentSampler(nn.Module):
-    """``samples`` draws of the latents of a batch as a module's forward, so that DistributedDataParallel can wrap the
-    importance-weighted objective as it wraps the model's own forward."""
+class SampledElboTerms(nn.Module):
+    """The ELBO's terms of ``samples`` draws of the latents of each image, [samples, B] (see
+    :func:`vae.objectives.sampled_elbo_terms`), as a module's forward: DistributedDataParallel and torch.compile wrap
+    the importance-weighted objective through it as they wrap the model's own forward."""
 
-    def __init__(self, model: nn.Module, samples: int):
+    def __init__(self, model: nn.Module, objective: ObjectiveConfig):
         super().__init__()
-        self.model, self.samples = model, samples
+        self.model, self.objective = model, objective
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> LatentSample:
-        """The model's :class:`LatentSample` of ``x`` with ``noise`` [samples, B, latent_dim], else noise drawn with
-        ``generator``."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> ElboTerms:
+        """The terms for the noise ``noise`` [samples, B, latent_dim], else noise drawn with ``generator``."""
         if noise is None:
-            noise = torch.randn(self.samples, x.shape[0], self.model.latent_dim, generator=generator, device=x.device)
-        return self.model.latent_sample(self.model.posterior(x), noise)
+            shape = (self.objective.samples, x.shape[0], self.model.latent_dim)
+            noise = torch.randn(shape, generator=generator, device=x.device)
+        return sampled_elbo_terms(x, self.model.latent_sample(self.model.posterior(x), noise), self.objective)
 
 
 def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
@@ -162,7 +162,7 @@ def fit(
     if resume_from is not None:
         restore_checkpoint(state, Path(resume_from), shuffle_generator, noise_generator)
     sampled = uses_sampled_terms(model, objective)
-    step_model = LatentSampler(model, objective.samples) if sampled else model
+    step_model = SampledElboTerms(model, objective) if sampled else model
     step_model = DistributedDataParallel(step_model) if world_size > 1 else step_model
     step_model = torch.compile(step_model) if config.compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
@@ -241,9 +241,9 @@ def _train_epoch(
                 noise = torch.randn(shape, generator=noise_generator, device=state.device)[:, rows]
                 x = x[rows]
             with autocast:
-                sample = step_model(x, generator=noise_generator, noise=noise)
-            terms = sampled_elbo_terms(x, sample, objective)
-            loss = iwae_training_loss(x, sample, objective, weight, len(index) / world_size)
+                per_sample = step_model(x, generator=noise_generator, noise=noise)
+            loss = iwae_training_loss(per_sample, weight, len(index) / world_size)
+            terms = ElboTerms(per_sample.reconstruction.mean(0), per_sample.kl.mean(0))
         else:
             eps = None
             if world_size > 1:

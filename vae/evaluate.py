@@ -12,7 +12,7 @@ from torchmetrics.aggregation import MeanMetric
 from vae.config import ObjectiveConfig
 from vae.data import ImageSet
 from vae.models import VAE, HierarchicalVAE, eval_mode
-from vae.objectives import elbo_terms, log_importance_weights, sampled_elbo_terms
+from vae.objectives import ElboTerms, elbo_terms, log_importance_weights, sampled_elbo_terms
 
 # The IWAE noise of a batch is drawn in blocks of this many samples, whatever the chunk size, so that the noise of
 # sample i of image j (and hence the bound, up to float rounding) does not depend on how the samples are chunked.
@@ -63,7 +63,8 @@ def evaluate_elbo(
             x = data.batch(slice(start, start + batch_size), generator)
             if sampled:
                 noise = torch.randn(1, x.shape[0], model.latent_dim, generator=generator, device=x.device)
-                terms = sampled_elbo_terms(x, model.latent_sample(model.posterior(x), noise), objective)
+                sample = model.latent_sample(model.posterior(x), noise)
+                terms = ElboTerms(*(term.squeeze(0) for term in sampled_elbo_terms(x, sample, objective)))
             else:
                 terms = elbo_terms(x, model(x, generator=generator), objective)
             reconstruction.update(terms.reconstruction)
@@ -108,7 +109,7 @@ def iwae_bound(
             log_sum = torch.full(x.shape[:1], -math.inf, device=x.device)
             for first in range(0, samples, chunk_size):
                 eps = noise.take(first, min(first + chunk_size, samples))
-                log_w = log_importance_weights(x, model.latent_sample(posterior, eps), objective)
+                log_w = log_importance_weights(sampled_elbo_terms(x, model.latent_sample(posterior, eps), objective))
                 log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, dim=0))
             bound.update(log_sum - log_k)
         iwae_nats = bound.compute().item()

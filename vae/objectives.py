@@ -79,14 +79,22 @@ def kl_weight(config: ObjectiveConfig, progress_epochs: float) -> float:
     return config.beta * min(1.0, progress_epochs / config.kl_warmup_epochs)
 
 
-def log_importance_weights(x: Tensor, sample: LatentSample, config: ObjectiveConfig, kl_weight: float = 1.0) -> Tensor:
-    """log w = log p(x|z) + kl_weight * (log p(z) - log q(z|x)) for each of k samples of B images, [k, B].
+def sampled_elbo_terms(x: Tensor, sample: LatentSample, config: ObjectiveConfig) -> ElboTerms:
+    """The ELBO's terms for each of k samples z_i ~ q(z|x) of B images, [k, B]: the reconstruction -log p(x|z_i) and
+    the one-sample Monte Carlo KL log q(z_i|x) - log p(z_i) (over every stochastic layer). Their means over the
+    samples estimate the ELBO's terms; they also make the importance weights (:func:`log_importance_weights`)."""
+    reconstruction = reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
+    return ElboTerms(reconstruction, sample.log_posterior - sample.log_prior)
+
+
+def log_importance_weights(terms: ElboTerms, kl_weight: float | Tensor = 1.0) -> Tensor:
+    """log w_i = -(reconstruction_i + kl_weight * kl_i) = log p(x|z_i) + kl_weight * (log p(z_i) - log q(z_i|x)) from
+    the per-sample terms of :func:`sampled_elbo_terms`, [k, B].
 
     With ``kl_weight`` 1 these are the importance weights of log p(x); a smaller weight is the beta-weighted (or
     warming up) version, whose one-sample mean is the beta-weighted ELBO.
     """
-    log_likelihood = -reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
-    return log_likelihood + kl_weight * (sample.log_prior - sample.log_posterior)
+    return -(terms.reconstruction + kl_weight * terms.kl)
 
 
 def iwae_bound_per_image(log_weights: Tensor) -> Tensor:
@@ -94,21 +102,12 @@ def iwae_bound_per_image(log_weights: Tensor) -> Tensor:
     return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
 
 
-def iwae_training_loss(
-    x: Tensor, sample: LatentSample, config: ObjectiveConfig, weight: float = 1.0, images: float | None = None
-) -> Tensor:
-    """The loss a training step on the importance-weighted bound minimizes: minus each image's bound
-    log (1/k) sum_i w_i (its log p(z) - log q(z|x) weighted by ``weight``, see :func:`log_importance_weights`), summed
-    over the batch and divided by ``images`` (default: the batch size), as :func:`training_loss` divides.
+def iwae_training_loss(terms: ElboTerms, weight: float | Tensor, images: float | None = None) -> Tensor:
+    """The loss a training step on the importance-weighted bound minimizes, from the per-sample terms [k, B] of
+    :func:`sampled_elbo_terms`: minus each image's bound log (1/k) sum_i w_i (its KL terms weighted by ``weight``),
+    summed over the batch and divided by ``images`` (default: the batch size), as :func:`training_loss` divides.
 
-    With k = 1 it is :func:`training_loss` of the one-sample Monte Carlo ELBO terms.
+    With k = 1 it is :func:`training_loss` of those terms: the negative one-sample Monte Carlo ELBO.
     """
-    per_image = -iwae_bound_per_image(log_importance_weights(x, sample, config, weight))
-    return per_image.sum() / (len(per_image) if images is None else images)
-
-
-def sampled_elbo_terms(x: Tensor, sample: LatentSample, config: ObjectiveConfig) -> ElboTerms:
-    """The ELBO's terms per image estimated from k samples of the latents: the mean over the samples of
-    -log p(x|z) and of log q(z|x) - log p(z) (the Monte Carlo KL, over every stochastic layer)."""
-    reconstruction = reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
-    return ElboTerms(reconstruction.mean(0), (sample.log_posterior - sample.log_prior).mean(0))
+    per_image = -iwae_bound_per_image(log_importance_weights(terms, weight))
+    return per_image.sum() / (per_image.shape[0] if images is None else images)

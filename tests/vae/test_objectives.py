@@ -94,25 +94,35 @@ def test_importance_weighted_objective_with_one_sample_equals_the_elbo_objective
     # The same model, images and noise: the k = 1 importance-weighted loss is the negative ELBO with the Monte Carlo
     # KL, for any weight of the KL term (beta, warm-up).
     model, eps = small_vae(), torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
-    output = model(X, eps=eps)
-    sample = model.latent_sample(model.posterior(X), eps.unsqueeze(0))
+    elbo = elbo_terms(X, model(X, eps=eps), ObjectiveConfig(kl="monte_carlo"))
+    per_sample = sampled_elbo_terms(X, model.latent_sample(model.posterior(X), eps.unsqueeze(0)), ObjectiveConfig(bound="iwae"))
+    assert per_sample.reconstruction.shape == per_sample.kl.shape == (1, 3)
+    torch.testing.assert_close(per_sample.reconstruction[0], elbo.reconstruction)
+    torch.testing.assert_close(per_sample.kl[0], elbo.kl, rtol=1e-5, atol=1e-4)  # log q by another route: rounding
     for weight in (1.0, 0.25, 0.0):
-        terms = elbo_terms(X, output, ObjectiveConfig(kl="monte_carlo"))
-        elbo_loss = training_loss(terms, weight)
-        iwae_loss = iwae_training_loss(X, sample, ObjectiveConfig(bound="iwae"), weight)
-        assert iwae_loss.item() == pytest.approx(elbo_loss.item(), rel=1e-6)
-        per_image = -iwae_bound_per_image(log_importance_weights(X, sample, ObjectiveConfig(bound="iwae"), weight))
-        torch.testing.assert_close(per_image, terms.reconstruction + weight * terms.kl, rtol=1e-6, atol=1e-4)
-    sampled = sampled_elbo_terms(X, sample, ObjectiveConfig(bound="iwae"))
-    torch.testing.assert_close(sampled.reconstruction, terms.reconstruction)
-    torch.testing.assert_close(sampled.kl, terms.kl, rtol=1e-5, atol=1e-4)
+        expected = training_loss(elbo, weight).item()
+        assert iwae_training_loss(per_sample, weight).item() == pytest.approx(expected, rel=1e-6)
+        assert iwae_training_loss(per_sample, weight, images=6).item() == pytest.approx(expected / 2, rel=1e-6)
 
 
-def test_importance_weights_are_the_likelihood_times_prior_over_posterior():
+def test_sampled_terms_are_minus_the_log_likelihood_and_log_posterior_minus_log_prior():
     sample = LatentSample(torch.stack([LOGITS, LOGITS - 1]), torch.tensor([[1.0, 2, 3], [4, 5, 6]]), torch.tensor([[0.5, 0.5, 0.5], [1, 1, 1]]))
-    expected = -torch.stack([reconstruction_nll(X, LOGITS, "bernoulli"), reconstruction_nll(X, LOGITS - 1, "bernoulli")])
-    expected = expected + sample.log_prior - sample.log_posterior
-    torch.testing.assert_close(log_importance_weights(X, sample, ObjectiveConfig()), expected)
+    terms = sampled_elbo_terms(X, sample, ObjectiveConfig())
+    expected = torch.stack([reconstruction_nll(X, LOGITS, "bernoulli"), reconstruction_nll(X, LOGITS - 1, "bernoulli")])
+    torch.testing.assert_close(terms.reconstruction, expected)
+    assert terms.kl.tolist() == [[-0.5, -1.5, -2.5], [-3.0, -4.0, -5.0]]
+
+
+def test_importance_weights_are_the_likelihood_times_prior_over_posterior_with_the_kl_weighted():
+    terms = ElboTerms(torch.tensor([[80.0, 90.0], [85.0, 70.0]]), torch.tensor([[10.0, 20.0], [4.0, -2.0]]))
+    assert log_importance_weights(terms).tolist() == [[-90.0, -110.0], [-89.0, -68.0]]
+    assert log_importance_weights(terms, 0.5).tolist() == [[-85.0, -100.0], [-87.0, -69.0]]
+
+
+def test_the_importance_weighted_loss_is_minus_the_mean_bound_of_the_batch():
+    terms = ElboTerms(torch.tensor([[80.0, 90.0], [85.0, 70.0]]), torch.tensor([[10.0, 20.0], [4.0, -2.0]]))
+    bound = torch.logsumexp(torch.tensor([[-90.0, -110.0], [-89.0, -68.0]]), dim=0) - math.log(2)
+    assert iwae_training_loss(terms, 1.0).item() == pytest.approx(-bound.mean().item())
 
 
 def test_importance_weighted_bound_is_the_log_mean_of_the_weights():
