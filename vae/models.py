@@ -36,7 +36,22 @@ class LatentSample(NamedTuple):
     log_posterior: Tensor
 
 
-class VAE(nn.Module):
+class MeanImages:
+    """Mean images of a model with ``encode``, ``decode`` and ``sample_latents``: reconstructions and samples."""
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Mean images decoded from the posterior means of ``x``, in [0, 1]."""
+        mu, _ = self.encode(x)
+        return torch.sigmoid(self.decode(mu))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` mean images decoded from z ~ p(z), shape [n, C, H, W], in [0, 1]."""
+        return torch.sigmoid(self.decode(self.sample_latents(n, generator)))
+
+
+class VAE(MeanImages, nn.Module):
     """A VAE made of an encoder (image -> 2 * latent_dim numbers), a decoder (latent -> image logits) and a prior p(z)
     (N(0, I) unless given)."""
 
@@ -109,19 +124,9 @@ class VAE(nn.Module):
         z = self.reparameterize(mu, logvar, generator, eps)
         return VAEOutput(self.decode(z), mu, logvar, z)
 
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Mean images decoded from the posterior means of ``x``, in [0, 1]."""
-        mu, _ = self.encode(x)
-        return torch.sigmoid(self.decode(mu))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` mean images decoded from z ~ p(z), shape [n, C, H, W], in [0, 1]."""
-        return torch.sigmoid(self.decode(self.sample_latents(n, generator)))
 
 
-class HierarchicalVAE(nn.Module):
+class HierarchicalVAE(MeanImages, nn.Module):
     """Two stochastic layers, as the VampPrior paper's HVAE (Tomczak and Welling 2018): the generative model
     p(z2) p(z1|z2) p(x|z1, z2) and the posterior q(z2|x) q(z1|x, z2), every conditional a diagonal Gaussian (the
     prior p(z2) is the model's ``prior``, given the top encoder q(z2|x)).
@@ -225,17 +230,6 @@ class HierarchicalVAE(nn.Module):
         mu1, logvar1 = self._gaussian(self.conditional_prior, z2)
         eps1 = torch.randn(mu1.shape, generator=generator, device=mu1.device, dtype=mu1.dtype)
         return torch.cat([mu1 + eps1 * torch.exp(0.5 * logvar1), z2], -1)
-
-    @torch.no_grad()
-    def reconstruct(self, x: Tensor) -> Tensor:
-        """Mean images decoded from the posterior means of ``x`` (see :meth:`encode`), in [0, 1]."""
-        mu, _ = self.encode(x)
-        return torch.sigmoid(self.decode(mu))
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """``n`` mean images decoded from z ~ p(z2) p(z1|z2), shape [n, C, H, W], in [0, 1]."""
-        return torch.sigmoid(self.decode(self.sample_latents(n, generator)))
 
 
 class ServingVAE(VAE):
