@@ -68,7 +68,7 @@ promote_model = task(registry.assign_alias, name="promote", cache_policy=NO_CACH
 @dataclass(frozen=True)
 class TrainingOutcome:
     """What a training run produced: where its MLflow run is, its test metrics, its logged model and the registry
-    decision."""
+    decision, and how long it trained (training passes and validations)."""
 
     run_id: str
     experiment_id: str
@@ -81,6 +81,7 @@ class TrainingOutcome:
     promotion_reason: str | None
     model_uri: str | None = None  # None when the model was not logged
     tutorial_figures: dict[str, float] | None = None  # the last epoch's figures in the tutorial's unit, if any
+    training_minutes: float = 0.0
 
 
 @flow(name="train-vae", log_prints=True)
@@ -160,6 +161,7 @@ def tracked_training(
         promotion_reason=decision.reason if decision else None,
         model_uri=model_uri,
         tutorial_figures={name: state.history[-1][name] for name in tutorials.figure_names(config) if state.history and name in state.history[-1]},
+        training_minutes=state.training_minutes,
     )
 
 
@@ -351,7 +353,7 @@ def _trial_results(
         runs = mlflow.MlflowClient().search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
         nested = {run.data.tags.get("sweep.trial"): run.info.run_id for run in runs}
     return [
-        sweep.TrialResult(trial, outcome.run_id, outcome.metrics, outcome.model_uri)
+        sweep.TrialResult(trial, outcome.run_id, outcome.metrics, outcome.model_uri, training_minutes=outcome.training_minutes)
         if isinstance(outcome, TrainingOutcome)
         else sweep.TrialResult(trial, nested.get(str(trial.number)), error=_error_text(outcome))
         for trial, outcome in zip(trials, outcomes)

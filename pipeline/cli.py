@@ -71,7 +71,7 @@ def _print_metrics(config: RunConfig, metrics: dict[str, float]) -> None:
 
 
 def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
-    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs")
+    print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs, {outcome.training_minutes:.1f} minutes of training")
     _print_metrics(config, outcome.metrics)
     for name, value in (outcome.tutorial_figures or {}).items():
         print(f"  {name} {value:.2f} (epoch {outcome.epochs_trained}, in the tutorial's unit)")
@@ -294,7 +294,7 @@ def leaderboard_text(board: pd.DataFrame) -> str:
         run_id=board["run_id"].str[:12],
     ).rename(columns={
         "test_nll_nats": "NLL (nats)", "test_elbo_nats": "ELBO (nats)", "test_bits_per_dim": "bits/dim",
-        "test_fid": "FID", "train_minutes": "minutes", "registered": "registered (UTC)", "run_id": "run",
+        "test_fid": "FID", "training_minutes": "minutes", "registered": "registered (UTC)", "run_id": "run",
     })
     formats = {"NLL (nats)": "{:.2f}", "ELBO (nats)": "{:.2f}", "bits/dim": "{:.4f}", "FID": "{:.2f}", "epochs": "{:.0f}", "minutes": "{:.1f}"}
     for column, pattern in formats.items():

@@ -60,6 +60,18 @@ def fixed_latents(n: int, latent_dim: int, seed: int = 0) -> Tensor:
     return torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def prior_latents(model: nn.Module, n: int, seed: int = 0) -> Tensor:
+    """``n`` draws of z ~ p(z) [n, latent_dim] on the CPU, made with ``seed`` alone: under the standard normal prior of
+    one stochastic layer the :func:`fixed_latents`; under a learned prior or two layers, the model's own prior (the
+    same noise each call, through the prior as it is now).
+    """
+    if getattr(model, "has_closed_form_kl", True):
+        return fixed_latents(n, _latent_dim(model), seed)
+    generator = torch.Generator(device=_parameter(model).device).manual_seed(seed)
+    with eval_mode(model), torch.no_grad():
+        return model.sample_latents(n, generator).float().cpu()
+
+
 def prior_samples(model: nn.Module, z: Tensor, *, padding: int = 2, scale: int = 2) -> Image.Image:
     """The mean images decoded from the latents ``z`` [n, latent_dim] as a square-ish grid (16 -> 4x4, 10 -> 3x4)."""
     rows, cols = grid_shape(len(z))

@@ -43,7 +43,7 @@ from pipeline.redaction import redact
 from vae import export
 from vae.config import ModelConfig
 from vae.export import ModelFileError
-from vae.models import VAE, ServingVAE
+from vae.models import VAE, HierarchicalVAE, ServingHierarchicalVAE, ServingVAE, serving_copy
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -79,7 +79,7 @@ class PromotionDecision:
 class LoadedModel:
     """A logged model loaded back for use, with the config it was trained with and where it came from."""
 
-    model: VAE
+    model: VAE | HierarchicalVAE
     config: RunConfig
     run_id: str
     uri: str
@@ -94,7 +94,7 @@ def primary_metric(metrics: Mapping[str, float]) -> tuple[str, float, bool]:
     raise KeyError(f"metrics hold neither test_nll_nats nor test_elbo_nats: {sorted(metrics)}")
 
 
-def log_model(model: VAE, config: ModelConfig, example: Tensor) -> str:
+def log_model(model: VAE | HierarchicalVAE, config: ModelConfig, example: Tensor) -> str:
     """Log ``model`` (built from ``config``) to the active run with a signature and input example (a few [N, 1, 28, 28]
     images); its URI.
 
@@ -161,7 +161,8 @@ def resolve(reference: str, *, client: MlflowClient | None = None) -> tuple[str,
 
 
 def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
-    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` on ``device``, with its config.
+    """The model that ``reference`` names (see :func:`resolve`) as a :class:`VAE` (or :class:`HierarchicalVAE`) on
+    ``device``, with its config.
 
     Only the logged model's own files are read (see :func:`load_model`); a tampered one is a
     :class:`vae.export.ModelFileError`.
@@ -170,7 +171,7 @@ def load(reference: str, *, device: torch.device | str = "cpu") -> LoadedModel:
     return LoadedModel(_load_network(uri, device), tracking.run_config(run_id), run_id, uri)
 
 
-def load_model(reference: str, *, device: torch.device | str = "cpu") -> ServingVAE:
+def load_model(reference: str, *, device: torch.device | str = "cpu") -> ServingVAE | ServingHierarchicalVAE:
     """The model that ``reference`` names, as a module with ``sample``, ``decode``, ``encode`` and ``reconstruct``,
     whose ``forward`` returns reconstructions: ``load_model("models:/vae-mnist@champion").sample(16)``.
 
@@ -179,8 +180,7 @@ def load_model(reference: str, *, device: torch.device | str = "cpu") -> Serving
     validated) and the weights (safetensors, checked against the network the config describes).
     """
     uri, _ = resolve(reference)
-    model = _load_network(uri, device)
-    return ServingVAE(model.encoder, model.decoder, model.latent_dim, model.image_shape).eval()
+    return serving_copy(_load_network(uri, "cpu")).to(device)
 
 
 def load_pyfunc(reference: str) -> PyFuncModel:
@@ -223,7 +223,7 @@ def check_mlmodel(path: Path, uri: str) -> None:
         )
 
 
-def _load_network(uri: str, device: torch.device | str) -> VAE:
+def _load_network(uri: str, device: torch.device | str) -> VAE | HierarchicalVAE:
     with tempfile.TemporaryDirectory() as scratch:
         return export.load(_download_checked(uri, Path(scratch)) / "data" / MODEL_FILES, device=device)
 
@@ -515,7 +515,7 @@ def versions_of(client: MlflowClient, name: str) -> list[ModelVersion]:
 # The leaderboard's columns, in order; "model" only when it lists several registered models.
 LEADERBOARD_COLUMNS = [
     "model", "version", "aliases", "preset", "test_nll_nats", "test_elbo_nats", "test_bits_per_dim", "test_fid",
-    "epochs", "train_minutes", "registered", "run_id",
+    "epochs", "training_minutes", "registered", "run_id",
 ]
 VAE_MODEL_PREFIX = "vae-"  # the registered models the leaderboard lists when given no name (classifiers are not)
 
@@ -525,7 +525,7 @@ def leaderboard(name: str | None = None, *, client: MlflowClient | None = None) 
     model: by test NLL (lower first) where measured, then by test ELBO (higher first), then newest first.
 
     Columns: :data:`LEADERBOARD_COLUMNS` (metrics in nats as registered, FID where logged, else NaN); ``epochs`` and
-    ``train_minutes`` come from each version's run (NaN for runs that did not log them), ``registered`` is the
+    ``training_minutes`` come from each version's run (NaN for runs that did not log them), ``registered`` is the
     version's creation time (UTC). A :class:`RegistryError` when ``name`` is not a registered model.
     """
     client = client or MlflowClient()
@@ -556,7 +556,7 @@ def _leaderboard_row(version: ModelVersion, aliases: Mapping[str, str | int], ru
         "preset": version.tags.get("preset", ""),
         **{key: float(version.tags.get(key, "nan")) for key in ("test_nll_nats", "test_elbo_nats", "test_bits_per_dim", "test_fid")},
         "epochs": metrics.get("epochs_trained", math.nan),
-        "train_minutes": metrics.get("train_minutes", math.nan),
+        "training_minutes": metrics.get("training_minutes", math.nan),
         "registered": pd.Timestamp(version.creation_timestamp, unit="ms", tz="UTC"),
         "run_id": version.run_id,
     }

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from vae import export
-from vae.models import VAE
+from vae.models import VAE, HierarchicalVAE
 
 LOADER_MODULE = __name__  # the "loader_module" of the logged model's MLmodel: this very module
 
@@ -15,7 +15,7 @@ LOADER_MODULE = __name__  # the "loader_module" of the logged model's MLmodel: t
 class Reconstructions:
     """What ``mlflow.pyfunc.load_model(uri)`` wraps: ``predict(images)`` gives their mean reconstructions."""
 
-    def __init__(self, model: VAE):
+    def __init__(self, model: VAE | HierarchicalVAE):
         self.model = model
 
     def predict(self, data: np.ndarray, params: dict | None = None) -> np.ndarray:

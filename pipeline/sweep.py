@@ -59,6 +59,7 @@ class TrialResult:
     metrics: Mapping[str, float] = field(default_factory=dict)
     model_uri: str | None = None
     error: str | None = None
+    training_minutes: float | None = None  # training passes and validations
 
     @property
     def status(self) -> str:
@@ -122,11 +123,13 @@ def leaderboard(results: Sequence[TrialResult]) -> pd.DataFrame:
     measured, lower is better, else the test ELBO, higher is better), failed trials last in trial order.
 
     Columns: trial, run_id, status ("finished" or "failed"), each swept field, test_elbo_nats, test_nll_nats (when
-    any trial measured it) and error (the failed trials' error, empty for the others).
+    any trial measured it), training_minutes (when any trial reports it) and error (the failed trials' error, empty
+    for the others).
     """
     fields = list(dict.fromkeys(name for result in results for name in result.trial.values))
     metrics = [name for name in LEADERBOARD_METRICS if any(name in result.metrics for result in results)]
     metrics = metrics or ["test_elbo_nats"]
+    timed = ["training_minutes"] if any(result.training_minutes is not None for result in results) else []
     rows = [
         {
             "trial": result.trial.number,
@@ -134,11 +137,12 @@ def leaderboard(results: Sequence[TrialResult]) -> pd.DataFrame:
             "status": result.status,
             **{name: result.trial.values.get(name) for name in fields},
             **{name: float(result.metrics.get(name, math.nan)) for name in metrics},
+            **{name: math.nan if result.training_minutes is None else result.training_minutes for name in timed},
             "error": result.error,
         }
         for result in results
     ]
-    board = pd.DataFrame(rows, columns=["trial", "run_id", "status", *fields, *metrics, "error"])
+    board = pd.DataFrame(rows, columns=["trial", "run_id", "status", *fields, *metrics, *timed, "error"])
     board = board.sort_values("trial", kind="stable")
     finished = [result for result in results if result.status == FINISHED]
     if finished:

@@ -516,25 +516,25 @@ def _is_unique_key_violation(error: MlflowException) -> bool:
 
 
 class MLflowCallback(Callback):
-    """Logs each epoch's checkpoint, metrics and a grid of samples decoded from the same z; at the end the grids' GIF,
-    the loss curves, and the epochs trained and minutes spent training (``epochs_trained``, ``train_minutes``).
+    """Logs each epoch's checkpoint, metrics and a grid of samples; at the end the grids' GIF, the loss curves, and
+    the epochs trained (``epochs_trained``).
 
     The checkpoint (when the engine writes one, at ``checkpoint_path``) goes first, to ``checkpoint/next/checkpoint.pt``
     and then to ``checkpoint/checkpoint.pt``, replacing the previous epoch's, so that an interrupted run can be resumed
-    from wherever its artifacts are (:func:`download_checkpoint`). Then the metrics go to the active run at step = epoch
-    and the grid to the "samples" image series: whatever an epoch logged is covered by a checkpoint, so a resumed run
-    never logs an epoch twice. A resumed run logs first what its last checkpointed epoch did not get to log before the
-    interruption, and its GIF starts from the grids its earlier epochs logged. The device training runs on becomes the
-    "device" tag.
+    from wherever its artifacts are (:func:`download_checkpoint`). Then the metrics (the history's, the epoch's seconds
+    and ``training_minutes``, the minutes of training passes and validations so far) go to the active run at step =
+    epoch and the grid to the "samples" image series: whatever an epoch logged is covered by a checkpoint, so a resumed
+    run never logs an epoch twice. The grid's z are drawn with the same noise every epoch, from the prior as it is at
+    the epoch's end (a learned prior changes). A resumed run logs first what its last checkpointed epoch did not get to
+    log before the interruption, and its GIF starts from the grids its earlier epochs logged. The device training runs
+    on becomes the "device" tag.
     """
 
     def __init__(self, *, checkpoint_path: Path | None = None, samples: int = SAMPLES, seed: int = 0):
         self.checkpoint_path, self.samples, self.seed = checkpoint_path, samples, seed
-        self.z = None
         self.frames: list[tuple[int, Image.Image]] = []
 
     def on_fit_start(self, state: TrainingState) -> None:
-        self.z = pictures.fixed_latents(self.samples, state.model.latent_dim, self.seed)
         mlflow.set_tag("device", str(state.device))
         self.frames = []
         if state.epoch:
@@ -556,15 +556,17 @@ class MLflowCallback(Callback):
             _log_bytes(gif, "samples/samples.gif")
         if state.history:
             mlflow.log_image(pictures.loss_curves(state.history), artifact_file="loss_curves.png")
-        # What the leaderboard shows of training: epochs done and minutes spent in them, resumptions included.
-        mlflow.log_metrics({"epochs_trained": state.epoch, "train_minutes": sum(state.epoch_seconds) / 60})
+        # What the leaderboard shows of training, with the last training_minutes: epochs done, resumptions included.
+        mlflow.log_metric("epochs_trained", state.epoch)
 
     def _log_epoch(self, state: TrainingState, epoch: int) -> None:
-        mlflow.log_metrics({**state.history[epoch - 1], "epoch_seconds": state.epoch_seconds[epoch - 1]}, step=epoch)
+        seconds = sum(state.epoch_seconds[:epoch]) + sum(state.validation_seconds[:epoch])
+        elapsed = {"epoch_seconds": state.epoch_seconds[epoch - 1], "training_minutes": seconds / 60}
+        mlflow.log_metrics({**state.history[epoch - 1], **elapsed}, step=epoch)
 
     def _log_grid(self, state: TrainingState) -> None:
         """The grid of the model as it is now, at step ``state.epoch``."""
-        grid = pictures.prior_samples(state.model, self.z)
+        grid = pictures.prior_samples(state.model, pictures.prior_latents(state.model, self.samples, self.seed))
         # synchronous: MLflow 3.17 logs images in a background thread by default, and ending a run does not wait for it.
         mlflow.log_image(grid, key=SAMPLES_KEY, step=state.epoch, synchronous=True)
         self.frames.append((state.epoch, grid))
@@ -573,7 +575,7 @@ class MLflowCallback(Callback):
         """The metrics of checkpointed epochs that MLflow lacks, and the last one's grid (the model is that epoch's
         now): a kill after an epoch's checkpoint upload and before its metrics or grid leaves them out."""
         client = mlflow.MlflowClient()
-        names = [*state.history[-1], "epoch_seconds"]
+        names = [*state.history[-1], "epoch_seconds", "training_minutes"]
         logged = {name: {metric.step for metric in client.get_metric_history(run_id, name)} for name in names}
         for epoch in range(1, state.epoch + 1):
             if any(epoch not in steps for steps in logged.values()):

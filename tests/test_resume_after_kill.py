@@ -30,6 +30,7 @@ TRAIN = ["train", "--epochs", "4", "--device", "cpu", "--set", "data.train_subse
 # Lines printed inside the flow reach the output as Prefect log lines: "<time> | INFO    | Flow run '<name>' - <line>".
 LINE = r"(?:^| - )"
 ANNOUNCED = re.compile(LINE + r"MLflow run ([0-9a-f]{32}) \(experiment vae-mnist\); if it is interrupted, resume it with:$", re.M)
+DURATIONS = ("epoch_seconds", "training_minutes")  # metrics that differ from run to run
 TIMEOUT_S = 900  # for one process, on a loaded machine; an idle one needs about 20 s
 
 
@@ -87,19 +88,20 @@ def flow_env(mlflow_store: str) -> dict[str, str]:
 
 
 def metric_histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """Every metric of the run as its (step, value) history; for the epochs' durations only the steps."""
+    """Every metric of the run as its (step, value) history; for durations (the epochs' seconds, the training minutes)
+    only the steps."""
     histories = {}
     for name in client.get_run(run_id).data.metrics:
         history = [(m.step, m.value) for m in client.get_metric_history(run_id, name)]
-        histories[name] = [(step, None) for step, _ in history] if name == "epoch_seconds" else history
+        histories[name] = [(step, None) for step, _ in history] if name in DURATIONS else history
     return histories
 
 
 def final_checkpoint(client: MlflowClient, run_id: str, directory: Path) -> dict:
-    """What the run's last checkpoint holds, but the epochs' durations: parameters, Adam's state, the random
-    generators, the metrics and the early-stopping state."""
+    """What the run's last checkpoint holds, but durations: parameters, Adam's state, the random generators, the
+    metrics and the early-stopping state."""
     checkpoint = load_checkpoint(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(directory)))
-    return {key: value for key, value in checkpoint.items() if key != "epoch_seconds"}
+    return {key: value for key, value in checkpoint.items() if key not in ("epoch_seconds", "validation_seconds")}
 
 
 def assert_same_tensors(a, b, where: str = "") -> None:

@@ -15,9 +15,9 @@ def trial(number, **values):
     return sweep.Trial(number, {name.replace("__", "."): value for name, value in values.items()}, BASE)
 
 
-def finished(number, elbo, nll=None, **values):
+def finished(number, elbo, nll=None, minutes=None, **values):
     metrics = {"test_elbo_nats": elbo, **({} if nll is None else {"test_nll_nats": nll})}
-    return sweep.TrialResult(trial(number, **values), f"run{number}", metrics, f"models:/m-{number}")
+    return sweep.TrialResult(trial(number, **values), f"run{number}", metrics, f"models:/m-{number}", training_minutes=minutes)
 
 
 def failed(number, error="NonFiniteLossError: non-finite loss (nan) at epoch 1, step 2", run_id="auto", **values):
@@ -176,6 +176,13 @@ def test_without_an_nll_the_leaderboard_ranks_by_elbo_highest_first_and_has_no_n
     assert board["trial"].tolist() == [2, 3, 1]
     assert board["test_elbo_nats"].tolist() == [-95.5, -101.0, -120.0]
     assert sweep.best(results) is results[1]
+
+
+def test_the_leaderboard_shows_each_trials_training_minutes_when_trials_report_them():
+    results = [finished(1, -110.0, 104.0, 12.5, objective__samples=1), finished(2, -100.0, 99.0, 30.25, objective__samples=5), failed(3, objective__samples=50)]
+    board = sweep.leaderboard(results)
+    assert list(board.columns) == ["trial", "run_id", "status", "objective.samples", "test_elbo_nats", "test_nll_nats", "training_minutes", "error"]
+    assert board["training_minutes"].tolist()[:2] == [30.25, 12.5] and math.isnan(board.at[2, "training_minutes"])
 
 
 def test_equal_scores_keep_trial_order():

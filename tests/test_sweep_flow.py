@@ -34,7 +34,7 @@ TINY = {
 }
 TINY_ARGS = [arg for name, value in TINY.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
 DIVERGES = 1e12  # a learning rate whose loss is NaN at the second step
-LEADERBOARD_COLUMNS = ["trial", "run_id", "status", "train.learning_rate", "test_elbo_nats", "test_nll_nats", "error"]
+LEADERBOARD_COLUMNS = ["trial", "run_id", "status", "train.learning_rate", "test_elbo_nats", "test_nll_nats", "training_minutes", "error"]
 
 
 def runs_of_the_sweep(client: MlflowClient):
@@ -91,7 +91,7 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
     for run in nested[:2]:
         files = {info.path for info in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "latent_manifold.png", "latent_space.png", "loss_curves.png", "reconstructions.png"} <= files
-        assert {"test_elbo_nats", "test_nll_nats", "test_fid", "train_loss", "val_elbo_nats"} <= set(run.data.metrics)
+        assert {"test_elbo_nats", "test_nll_nats", "test_fid", "train_loss", "val_elbo_nats", "training_minutes"} <= set(run.data.metrics)
         assert run.data.tags["fid.classifier"] == "models:/classifier-mnist/1"
     # The sweep trained the classifier once, before its trials, which all found it.
     assert len(client.search_runs([tracking.named_experiment("classifier-mnist")])) == 1
@@ -105,7 +105,9 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
     assert board["train.learning_rate"].tolist() == [float(run.data.params["train.learning_rate"]) for run in ranked] + [DIVERGES]
     assert board["test_nll_nats"].tolist()[:2] == pytest.approx([run.data.metrics["test_nll_nats"] for run in ranked])
     assert board["test_elbo_nats"].tolist()[:2] == pytest.approx([run.data.metrics["test_elbo_nats"] for run in ranked])
-    assert board.loc[2, ["test_elbo_nats", "test_nll_nats"]].isna().all()
+    assert board.loc[2, ["test_elbo_nats", "test_nll_nats", "training_minutes"]].isna().all()
+    # Each finished trial's training time is the one its run logged after its last epoch.
+    assert board["training_minutes"].tolist()[:2] == pytest.approx([run.data.metrics["training_minutes"] for run in ranked])
     assert board["error"].isna().tolist()[:2] == [True, True]
     assert board.at[2, "error"] == nested[2].data.tags["error"]
     table = asyncio.run(read_table_artifact(flows.LEADERBOARD_ARTIFACT_KEY))

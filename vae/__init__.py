@@ -17,14 +17,18 @@ _EXPORTS = {
     "Classifier": "vae.classifier", "load_classifier": "vae.classifier", "train_classifier": "vae.classifier",
     "frechet_distance": "vae.sample_quality",  # not sample_quality: that name is its module's
     "VAE": "vae.models", "VAEOutput": "vae.models", "build_model": "vae.models",
+    "HierarchicalVAE": "vae.models", "LatentSample": "vae.models",
+    "StandardNormalPrior": "vae.priors", "VampPrior": "vae.priors",
     "ElboTerms": "vae.objectives", "elbo_terms": "vae.objectives", "kl_divergence": "vae.objectives",
     "kl_weight": "vae.objectives", "reconstruction_nll": "vae.objectives", "training_loss": "vae.objectives",
+    "iwae_training_loss": "vae.objectives", "log_importance_weights": "vae.objectives",
 }
 __all__ = [
-    "VAE", "Callback", "Classifier", "ClassifierConfig", "ElboTerms", "EvalConfig", "ImageSet", "ModelConfig",
-    "NonFiniteLossError", "ObjectiveConfig", "frechet_distance", "load_classifier", "train_classifier",
-    "TrainConfig", "TrainingState", "VAEOutput", "binarize", "build_model", "elbo_terms", "evaluate_elbo", "fit",
-    "iwae_bound", "kl_divergence", "kl_weight", "load_checkpoint", "reconstruction_nll", "resolve_device",
+    "Callback", "Classifier", "ClassifierConfig", "ElboTerms", "EvalConfig", "HierarchicalVAE", "ImageSet",
+    "LatentSample", "ModelConfig", "NonFiniteLossError", "ObjectiveConfig", "StandardNormalPrior", "TrainConfig",
+    "TrainingState", "VAE", "VAEOutput", "VampPrior", "binarize", "build_model", "elbo_terms", "evaluate_elbo", "fit",
+    "frechet_distance", "iwae_bound", "iwae_training_loss", "kl_divergence", "kl_weight", "load_checkpoint",
+    "load_classifier", "log_importance_weights", "reconstruction_nll", "resolve_device", "train_classifier",
     "training_loss",
 ]
 
@@ -36,9 +40,13 @@ if TYPE_CHECKING:
     from vae.distributed import resolve_device
     from vae.engine import Callback, NonFiniteLossError, TrainingState, fit
     from vae.evaluate import evaluate_elbo, iwae_bound
-    from vae.models import VAE, VAEOutput, build_model
+    from vae.models import VAE, HierarchicalVAE, LatentSample, VAEOutput, build_model
+    from vae.objectives import (
+        ElboTerms, elbo_terms, iwae_training_loss, kl_divergence, kl_weight, log_importance_weights, reconstruction_nll,
+        training_loss,
+    )
+    from vae.priors import StandardNormalPrior, VampPrior
     from vae.sample_quality import frechet_distance
-    from vae.objectives import ElboTerms, elbo_terms, kl_divergence, kl_weight, reconstruction_nll, training_loss
 
 
 def __getattr__(name: str) -> Any:

@@ -34,6 +34,7 @@ def save_checkpoint(
         "rng": {"shuffle": shuffle_generator.get_state(), "noise": noise_generator.get_state().cpu()},
         "history": state.history,
         "epoch_seconds": state.epoch_seconds,
+        "validation_seconds": state.validation_seconds,
         "early_stopping": {
             "best_val_elbo_nats": state.best_val_elbo_nats,
             "best_epoch": state.best_epoch,
@@ -95,7 +96,7 @@ def restore_checkpoint(
     saved = TrainConfig.model_validate(checkpoint["train_config"])
     changed = [
         name for name in TrainConfig.model_fields
-        if name not in ("epochs", "device") and getattr(saved, name) != getattr(state.train_config, name)
+        if name not in ("epochs", "device", "max_minutes") and getattr(saved, name) != getattr(state.train_config, name)
     ]
     if changed:
         raise ValueError(f"{path}: cannot resume with different training settings ({', '.join(changed)})")
@@ -108,6 +109,7 @@ def restore_checkpoint(
     state.epoch = checkpoint["epoch"]
     state.history = list(checkpoint["history"])
     state.epoch_seconds = list(checkpoint["epoch_seconds"])
+    state.validation_seconds = list(checkpoint.get("validation_seconds", []))  # absent before training minutes were kept
     early = checkpoint["early_stopping"]
     state.best_val_elbo_nats = early["best_val_elbo_nats"]
     state.best_epoch = early["best_epoch"]

@@ -19,6 +19,8 @@ MAX_EPOCHS = 10_000
 MAX_BATCH_SIZE = 65_536
 MAX_IWAE_SAMPLES = 100_000
 MAX_FID_SAMPLES = 1_000_000
+MAX_PRIOR_COMPONENTS = 60_000  # pseudo-inputs of a VampPrior: at most one per training image
+MAX_TRAINING_MINUTES = 525_600.0  # a year
 MAX_BETA = 1_000.0
 MAX_GAUSSIAN_STD = 1_000.0
 
@@ -33,10 +35,10 @@ class _Settings(BaseModel):
 
 
 class ModelConfig(_Settings):
-    """The network: an MLP or a convolutional VAE for 1x28x28 images."""
+    """The network: an MLP or a convolutional VAE for 1x28x28 images, with one or two stochastic layers."""
 
     architecture: Literal["mlp", "conv"] = "mlp"
-    latent_dim: int = Field(20, gt=0, le=MAX_LATENT_DIM)
+    latent_dim: int = Field(20, gt=0, le=MAX_LATENT_DIM)  # z, or with two stochastic layers z1, the one next to x
     image_shape: tuple[
         Annotated[int, Field(gt=0, le=MAX_IMAGE_CHANNELS)],
         Annotated[int, Field(gt=0, le=MAX_IMAGE_SIDE)],
@@ -44,6 +46,18 @@ class ModelConfig(_Settings):
     ] = (1, 28, 28)
     # MLP: encoder hidden widths; the decoder mirrors them.
     hidden_dims: tuple[Width, ...] = Field((400,), max_length=MAX_HIDDEN_LAYERS)
+    # MLP hidden units: relu, or gated (h * sigmoid(g), two linear maps per layer: the VampPrior paper's GatedDense).
+    activation: Literal["relu", "gated"] = "relu"
+    # p(z) of the top latent: N(0, I), or the VampPrior (Tomczak and Welling 2018): the mixture of the encoder's
+    # posteriors at prior_components learned pseudo-inputs.
+    prior: Literal["standard_normal", "vamp"] = "standard_normal"
+    prior_components: int = Field(500, gt=0, le=MAX_PRIOR_COMPONENTS)
+    # 2: the VampPrior paper's hierarchical VAE, q(z2|x) q(z1|x,z2) and p(z2) p(z1|z2) p(x|z1,z2), an MLP whose every
+    # network has hidden_dims; latent_dim is z1's size and top_latent_dim z2's.
+    stochastic_layers: Literal[1, 2] = 1
+    top_latent_dim: int = Field(40, gt=0, le=MAX_LATENT_DIM)
+    # Bounds of every posterior and conditional prior log-variance, by a hard tanh (the VampPrior paper: [-6, 2]).
+    logvar_limits: tuple[float, float] | None = None
     # Conv encoder: stride-2 3x3 convolutions, then an optional dense layer, then the Gaussian heads.
     conv_channels: tuple[Channels, ...] = Field((32, 64), max_length=MAX_HIDDEN_LAYERS)
     conv_padding: Literal["same", "valid"] = "same"
@@ -68,17 +82,38 @@ class ModelConfig(_Settings):
                 raise ValueError(f"image_shape must be (C, 28, 28) for the conv architecture, got {self.image_shape}")
             if len(self.conv_channels) != 2 or len(self.decoder_channels) != 2:
                 raise ValueError("conv_channels and decoder_channels must each hold two widths (28 -> 14 -> 7)")
+        if self.stochastic_layers == 2 and self.architecture != "mlp":
+            raise ValueError("stochastic_layers=2 is built for the mlp architecture only")
+        if self.logvar_limits is not None and not self.logvar_limits[0] < self.logvar_limits[1]:
+            raise ValueError(f"logvar_limits must be (low, high) with low < high, got {self.logvar_limits}")
+        if self.activation == "gated" and self.architecture != "mlp":
+            raise ValueError("activation='gated' applies to the mlp architecture only")
         return self
+
+    @property
+    def has_closed_form_kl(self) -> bool:
+        """Whether KL(q(z|x) || p(z)) has a closed form: one Gaussian layer under the standard normal prior."""
+        return self.stochastic_layers == 1 and self.prior == "standard_normal"
 
 
 class ObjectiveConfig(_Settings):
-    """The negative ELBO: a likelihood, a KL estimator, a beta weight and an optional linear warm-up of it."""
+    """The bound trained on (the ELBO, or the importance-weighted bound of Burda et al. 2015 with ``samples``
+    importance samples per image), a likelihood, a KL estimator, a beta weight and an optional linear warm-up of it."""
 
+    bound: Literal["elbo", "iwae"] = "elbo"
+    samples: int = Field(1, ge=1, le=MAX_IWAE_SAMPLES)  # k of the iwae bound; with k = 1 it is the ELBO with a Monte Carlo KL
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     gaussian_std: float = Field(1.0, gt=0, le=MAX_GAUSSIAN_STD)
+    # The ELBO's KL estimator; the iwae bound always uses its samples' log p(z) - log q(z|x).
     kl: Literal["analytic", "monte_carlo"] = "analytic"
     beta: float = Field(1.0, ge=0, le=MAX_BETA)
     kl_warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
+
+    @model_validator(mode="after")
+    def _check_samples(self) -> ObjectiveConfig:
+        if self.samples > 1 and self.bound != "iwae":
+            raise ValueError(f"samples={self.samples} needs bound='iwae' (the ELBO is trained on one sample)")
+        return self
 
 
 class TrainConfig(_Settings):
@@ -99,6 +134,13 @@ class TrainConfig(_Settings):
     device: str = Field("auto", max_length=32)
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
+    # The learning rate: constant, or cosine-annealed from learning_rate to learning_rate * lr_final_fraction over
+    # all the epochs; either way after a linear ramp from 0 over the first lr_warmup_epochs.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
+    lr_final_fraction: float = Field(0.0, ge=0, le=1)
+    # Stop at the end of the first epoch that ends this many minutes of training after the start (None: no limit).
+    max_minutes: float | None = Field(None, gt=0, le=MAX_TRAINING_MINUTES)
 
     @model_validator(mode="after")
     def _check_device(self) -> TrainConfig:

@@ -20,8 +20,8 @@ from vae.checkpoint import restore_checkpoint, save_checkpoint
 from vae.config import ObjectiveConfig, TrainConfig
 from vae.data import ImageSet
 from vae.distributed import check_backend, from_rank_0, rank_and_world_size, resolve_device, sum_over_processes
-from vae.evaluate import evaluate_elbo
-from vae.objectives import elbo_terms, kl_weight, training_loss
+from vae.evaluate import evaluate_elbo, uses_sampled_terms
+from vae.objectives import ElboTerms, elbo_terms, iwae_training_loss, kl_weight, sampled_elbo_terms, training_loss
 from vae.optimizers import KerasRMSprop
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class TrainingState:
     device: torch.device
     epoch: int = 0  # last completed epoch, counted from 1
     history: list[dict[str, float]] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)  # each epoch's training pass
+    validation_seconds: list[float] = field(default_factory=list)  # each epoch's validation ELBO
     best_val_elbo_nats: float = -math.inf
     best_epoch: int = 0
     epochs_without_improvement: int = 0
@@ -67,6 +68,11 @@ class TrainingState:
     # The last epoch's per-step batch means, [steps, 3]: loss, reconstruction and KL (nats). For callbacks that
     # report per-batch averages as some tutorials print them; not checkpointed.
     batch_means: Tensor | None = None
+
+    @property
+    def training_minutes(self) -> float:
+        """Minutes spent so far in the training passes and the validations after them (not checkpoints or callbacks)."""
+        return (sum(self.epoch_seconds) + sum(self.validation_seconds)) / 60
 
 
 class Callback:
@@ -82,6 +88,41 @@ class Callback:
     def on_epoch_end(self, state: TrainingState) -> None: ...
 
     def on_fit_end(self, state: TrainingState) -> None: ...
+
+
+class SampledElboTerms(nn.Module):
+    """The ELBO's terms of ``samples`` draws of the latents of each image, [samples, B] (see
+    :func:`vae.objectives.sampled_elbo_terms`), as a module's forward: DistributedDataParallel and torch.compile wrap
+    the importance-weighted objective through it as they wrap the model's own forward."""
+
+    def __init__(self, model: nn.Module, objective: ObjectiveConfig):
+        super().__init__()
+        self.model, self.objective = model, objective
+
+    def forward(self, x: Tensor, generator: torch.Generator | None = None, noise: Tensor | None = None) -> ElboTerms:
+        """The terms for the noise ``noise`` [samples, B, latent_dim], else noise drawn with ``generator``."""
+        if noise is None:
+            shape = (self.objective.samples, x.shape[0], self.model.latent_dim)
+            noise = torch.randn(shape, generator=generator, device=x.device)
+        return sampled_elbo_terms(x, self.model.latent_sample(self.model.posterior(x), noise), self.objective)
+
+
+def learning_rate(config: TrainConfig, progress_epochs: float) -> float:
+    """The learning rate after ``progress_epochs`` (fractional) epochs: a linear ramp from 0 over the first
+    ``lr_warmup_epochs``, times 1 (constant) or the cosine from 1 down to ``lr_final_fraction`` over all ``epochs``."""
+    factor = 1.0
+    if config.lr_schedule == "cosine":
+        progress = min(1.0, progress_epochs / config.epochs)
+        final = config.lr_final_fraction
+        factor = final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if config.lr_warmup_epochs > 0:
+        factor *= min(1.0, progress_epochs / config.lr_warmup_epochs)
+    return config.learning_rate * factor
+
+
+def has_schedule(config: TrainConfig) -> bool:
+    """Whether the learning rate changes during training (else the optimizer's own is never touched)."""
+    return config.lr_schedule != "constant" or config.lr_warmup_epochs > 0
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -162,7 +203,9 @@ def fit(
                 "resuming with %d intra-op threads, as the run was trained, instead of this process's %d: every step's "
                 "bits depend on the thread count", state.intraop_threads, torch.get_num_threads(),
             )
-    step_model = DistributedDataParallel(model) if world_size > 1 else model
+    sampled = uses_sampled_terms(model, objective)
+    step_model = SampledElboTerms(model, objective) if sampled else model
+    step_model = DistributedDataParallel(step_model) if world_size > 1 else step_model
     step_model = torch.compile(step_model) if config.compile else step_model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
     show_progress = rank == 0 and (sys.stderr.isatty() if progress is None else progress)
@@ -172,7 +215,7 @@ def fit(
         for callback in callbacks:
             callback.on_fit_start(state)
         for epoch in range(state.epoch + 1, config.epochs + 1):
-            if state.stopped_early:
+            if state.stopped_early or _out_of_time(state):
                 break
             started = time.perf_counter()
             metrics, state.batch_means = _train_epoch(
@@ -180,11 +223,12 @@ def fit(
             )
             state.epoch_seconds.append(time.perf_counter() - started)
             if validation is not None:  # rank 0's numbers on every process, so that all of them stop at the same epoch
-                val = None
+                started, val = time.perf_counter(), None
                 if rank == 0:
                     val = evaluate_elbo(model, validation, objective, batch_size=VALIDATION_BATCH_SIZE, seed=config.seed)
                 shared = from_rank_0(val, VALIDATION_METRICS, device)
                 metrics.update({f"val_{name}": value for name, value in shared.items()})
+                state.validation_seconds.append(time.perf_counter() - started)
             state.epoch = epoch
             for callback in callbacks:
                 metrics.update(callback.on_epoch_metrics(state))
@@ -231,6 +275,8 @@ def _train_epoch(
     batch means of loss, reconstruction and KL, [steps, 3]."""
     config, objective, optimizer, model = state.train_config, state.objective, state.optimizer, state.model
     rank, world_size = rank_and_world_size()
+    sampled = uses_sampled_terms(model, objective)
+    scheduled = has_schedule(config)
     steps = steps_per_epoch(len(train), config)
     n = steps * config.batch_size if config.drop_last else len(train)  # images seen this epoch
     order = epoch_order(len(train), config, shuffle_generator).to(state.device)
@@ -243,21 +289,37 @@ def _train_epoch(
     for step in range(steps):
         index = order[step * config.batch_size : (step + 1) * config.batch_size]
         x = train.batch(index, noise_generator)
-        eps = None
-        if world_size > 1:  # the noise of the whole batch, as one process draws it, then this process's rows
-            rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
-            eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
-            x = x[rows]
-        with autocast:
-            output = step_model(x, generator=noise_generator, eps=eps)
-        terms = elbo_terms(x, output, objective)
-        weight = kl_weight(objective, epoch - 1 + step / steps)
-        # DDP averages the processes' gradients: each one's loss is its shard's sum over the whole batch's share per
-        # process, which makes that the gradient of the mean over the whole batch, also when the shards differ by an
-        # image (the last batch). In one process this is the batch mean, bit for bit. The terms' batch means are
+        progress_epochs = epoch - 1 + step / steps
+        if scheduled:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, progress_epochs)
+        weight = kl_weight(objective, progress_epochs)
+        # With several processes, each draws the noise of the whole batch, as one process draws it, then keeps its
+        # rows. DDP averages the processes' gradients: each one's loss is its shard's sum over the whole batch's share
+        # per process, which makes that the gradient of the mean over the whole batch, also when the shards differ by
+        # an image (the last batch). In one process this is the batch mean, bit for bit. The terms' batch means are
         # shared out the same way.
+        rows = slice(rank * len(index) // world_size, (rank + 1) * len(index) // world_size)
         share = len(index) / world_size
-        loss = training_loss(terms, weight, share)
+        if sampled:
+            noise = None
+            if world_size > 1:
+                shape = (objective.samples, len(index), model.latent_dim)
+                noise = torch.randn(shape, generator=noise_generator, device=state.device)[:, rows]
+                x = x[rows]
+            with autocast:
+                per_sample = step_model(x, generator=noise_generator, noise=noise)
+            loss = iwae_training_loss(per_sample, weight, share)
+            terms = ElboTerms(per_sample.reconstruction.mean(0), per_sample.kl.mean(0))
+        else:
+            eps = None
+            if world_size > 1:
+                eps = torch.randn(len(index), model.latent_dim, generator=noise_generator, device=state.device)[rows]
+                x = x[rows]
+            with autocast:
+                output = step_model(x, generator=noise_generator, eps=eps)
+            terms = elbo_terms(x, output, objective)
+            loss = training_loss(terms, weight, share)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.grad_clip_norm is not None:
@@ -276,13 +338,26 @@ def _train_epoch(
             bar.update(step + 1 - bar.n)
     bar.close()
     reconstruction, kl = (sum_over_processes(totals) / n).tolist()
-    return {
+    metrics = {
         "train_loss": losses[:, 0].mean().item(),
         "train_elbo_nats": -(reconstruction + kl),
         "train_reconstruction_nats": reconstruction,
         "train_kl_nats": kl,
         "kl_weight": weighted_kl / n,
-    }, losses
+    }
+    if scheduled:
+        metrics["learning_rate"] = optimizer.param_groups[0]["lr"]  # the epoch's last step's
+    return metrics, losses
+
+
+def _out_of_time(state: TrainingState) -> bool:
+    """Whether another epoch, as long as the mean one so far, would end past ``max_minutes`` of training. Every
+    process decides on rank 0's clock, so that all of them stop at the same epoch."""
+    limit = state.train_config.max_minutes
+    if limit is None or not state.epoch_seconds:
+        return False
+    per_epoch_minutes = state.training_minutes / len(state.epoch_seconds)
+    return bool(from_rank_0(state.training_minutes + per_epoch_minutes > limit))
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:

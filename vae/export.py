@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from vae.config import ModelConfig, field_errors
-from vae.models import VAE, build_model
+from vae.models import VAE, HierarchicalVAE, build_model
 
 FORMAT = "vae-pipeline/1"
 WEIGHTS_FILE = "weights.safetensors"
@@ -27,7 +27,7 @@ class ModelFileError(ValueError):
     """Files that are not a model this library saved, or were altered; the message names the file and the problem."""
 
 
-def save(model: VAE, config: ModelConfig, directory: Path | str) -> None:
+def save(model: VAE | HierarchicalVAE, config: ModelConfig, directory: Path | str) -> None:
     """Write ``model``'s weights (``weights.safetensors``) and ``config`` (``model_config.json``) into ``directory``.
 
     ``config`` must be the one ``model`` was built from: :func:`load` rebuilds the network from it.
@@ -43,7 +43,7 @@ def save(model: VAE, config: ModelConfig, directory: Path | str) -> None:
     (directory / CONFIG_FILE).write_text(json.dumps(described, indent=2))
 
 
-def load(directory: Path | str, *, device: torch.device | str = "cpu") -> VAE:
+def load(directory: Path | str, *, device: torch.device | str = "cpu") -> VAE | HierarchicalVAE:
     """The VAE saved in ``directory`` by :func:`save`, in eval mode on ``device``.
 
     The config is validated (bounds included) before anything is built; the weights file may hold only the tensors
@@ -88,7 +88,7 @@ def read_config(path: Path | str) -> ModelConfig:
         raise ModelFileError(f"{path}: invalid model config:\n  " + "\n  ".join(field_errors(error))) from None
 
 
-def _skeleton(config: ModelConfig) -> VAE:
+def _skeleton(config: ModelConfig) -> VAE | HierarchicalVAE:
     """The network ``config`` describes, its tensors on the meta device: shapes and dtypes, no memory, no init."""
     with torch.device("meta"):
         return build_model(config)

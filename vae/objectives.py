@@ -1,4 +1,5 @@
-"""The ELBO as its terms in nats per image: reconstruction -log p(x|z) and KL(q(z|x) || p(z)), with beta and warm-up."""
+"""The bounds trained on, in nats per image: the ELBO as its terms, reconstruction -log p(x|z) and KL(q(z|x) || p(z)),
+with beta and warm-up; and the importance-weighted bound of Burda et al. (2015) over k samples of the latents."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vae.config import ObjectiveConfig
-from vae.models import VAEOutput
-
-LOG_2PI = math.log(2 * math.pi)
+from vae.models import LatentSample, VAEOutput
+from vae.priors import LOG_2PI, log_normal, log_standard_normal  # noqa: F401 (log densities used with the ELBO terms)
 
 
 class ElboTerms(NamedTuple):
@@ -20,16 +20,6 @@ class ElboTerms(NamedTuple):
 
     reconstruction: Tensor
     kl: Tensor
-
-
-def log_normal(z: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
-    """log N(z; mu, exp(logvar)) summed over the last dimension."""
-    return -0.5 * (LOG_2PI + logvar + (z - mu).pow(2) * torch.exp(-logvar)).sum(-1)
-
-
-def log_standard_normal(z: Tensor) -> Tensor:
-    """log N(z; 0, I) summed over the last dimension."""
-    return -0.5 * (LOG_2PI + z.pow(2)).sum(-1)
 
 
 def reconstruction_nll(x: Tensor, logits: Tensor, likelihood: str, gaussian_std: float = 1.0) -> Tensor:
@@ -87,3 +77,37 @@ def kl_weight(config: ObjectiveConfig, progress_epochs: float) -> float:
     if config.kl_warmup_epochs <= 0:
         return config.beta
     return config.beta * min(1.0, progress_epochs / config.kl_warmup_epochs)
+
+
+def sampled_elbo_terms(x: Tensor, sample: LatentSample, config: ObjectiveConfig) -> ElboTerms:
+    """The ELBO's terms for each of k samples z_i ~ q(z|x) of B images, [k, B]: the reconstruction -log p(x|z_i) and
+    the one-sample Monte Carlo KL log q(z_i|x) - log p(z_i) (over every stochastic layer). Their means over the
+    samples estimate the ELBO's terms; they also make the importance weights (:func:`log_importance_weights`)."""
+    reconstruction = reconstruction_nll(x, sample.logits, config.likelihood, config.gaussian_std)
+    return ElboTerms(reconstruction, sample.log_posterior - sample.log_prior)
+
+
+def log_importance_weights(terms: ElboTerms, kl_weight: float | Tensor = 1.0) -> Tensor:
+    """log w_i = -(reconstruction_i + kl_weight * kl_i) = log p(x|z_i) + kl_weight * (log p(z_i) - log q(z_i|x)) from
+    the per-sample terms of :func:`sampled_elbo_terms`, [k, B].
+
+    With ``kl_weight`` 1 these are the importance weights of log p(x); a smaller weight is the beta-weighted (or
+    warming up) version, whose one-sample mean is the beta-weighted ELBO.
+    """
+    return -(terms.reconstruction + kl_weight * terms.kl)
+
+
+def iwae_bound_per_image(log_weights: Tensor) -> Tensor:
+    """log (1/k) sum_i w_i per image, [B], from log weights [k, B]: the importance-weighted bound on log p(x)."""
+    return torch.logsumexp(log_weights, dim=0) - math.log(log_weights.shape[0])
+
+
+def iwae_training_loss(terms: ElboTerms, weight: float | Tensor, images: float | None = None) -> Tensor:
+    """The loss a training step on the importance-weighted bound minimizes, from the per-sample terms [k, B] of
+    :func:`sampled_elbo_terms`: minus each image's bound log (1/k) sum_i w_i (its KL terms weighted by ``weight``),
+    summed over the batch and divided by ``images`` (default: the batch size), as :func:`training_loss` divides.
+
+    With k = 1 it is :func:`training_loss` of those terms: the negative one-sample Monte Carlo ELBO.
+    """
+    per_image = -iwae_bound_per_image(log_importance_weights(terms, weight))
+    return per_image.sum() / (per_image.shape[0] if images is None else images)

@@ -53,7 +53,7 @@ def registered(mlflow_store):
     config = load_config("default")
     with mlflow.start_run(experiment_id=MlflowClient().create_experiment("runs")) as run:
         uri = log_model(model, ModelConfig(hidden_dims=(16,), latent_dim=2), torch.rand(2, 1, 28, 28))
-        mlflow.log_metrics({"epochs_trained": 4, "train_minutes": 1.5})
+        mlflow.log_metrics({"epochs_trained": 4, "training_minutes": 1.5})
     for nll in (90.0, 88.0, 89.5):
         metrics = {"test_nll_nats": nll, "test_elbo_nats": -nll - 5, "test_bits_per_dim": nll / 543.43}
         assign_alias(config, metrics, register_version(uri, config, metrics, run.info.run_id))
@@ -68,7 +68,7 @@ def test_the_leaderboard_lists_versions_best_first_with_their_aliases_and_traini
     assert board["test_nll_nats"].tolist() == [88.0, 89.5, 90.0]
     assert board["aliases"].tolist() == ["champion", "challenger", ""]
     assert board["test_fid"].isna().all()
-    assert board[["epochs", "train_minutes"]].values.tolist() == [[4, 1.5]] * 3
+    assert board[["epochs", "training_minutes"]].values.tolist() == [[4, 1.5]] * 3
     assert (board["run_id"] == registered).all() and (board["preset"] == "default").all()
 
 

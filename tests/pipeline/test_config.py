@@ -113,6 +113,12 @@ def test_a_config_file_is_applied_between_the_preset_and_the_overrides(tmp_path)
         ({"data.validation_size": 60_000}, "data.validation_size: Input should be less than 60000"),
         ({"data.validation_size": 0, "train.early_stopping_patience": 2}, "early_stopping_patience needs a validation set"),
         ({"data.train_subset": 55_000}, "data.train_subset (55000) exceeds the 50000 training images"),
+        ({"model.prior": "vamp"}, "objective.kl='analytic' has no closed form with model.prior='vamp': set objective.kl='monte_carlo' or objective.bound='iwae'"),
+        ({"model.stochastic_layers": 2}, "objective.kl='analytic' has no closed form with model.stochastic_layers=2"),
+        ({"objective.samples": 5}, "samples=5 needs bound='iwae'"),
+        ({"model.prior": "mixture"}, "model.prior: Input should be 'standard_normal' or 'vamp' (got 'mixture')"),
+        ({"train.lr_final_fraction": 2}, "train.lr_final_fraction: Input should be less than or equal to 1 (got 2)"),
+        ({"train.max_minutes": 0}, "train.max_minutes: Input should be greater than 0 (got 0)"),
     ],
 )
 def test_a_bad_value_is_rejected_naming_the_field(override, named):

@@ -25,6 +25,7 @@ from pipeline.pictures import (
     loss_curves,
     loss_curves_figure,
     principal_components,
+    prior_latents,
     prior_samples,
     reconstructions,
     reconstructions_figure,
@@ -160,6 +161,25 @@ def test_prior_samples_decode_the_given_z_into_a_square_grid_deterministically()
     with torch.no_grad():
         expected = image_grid(torch.sigmoid(model.decode(z)), 4, 4)
     assert grid.tobytes() == expected.tobytes()
+
+
+def test_prior_latents_are_the_fixed_latents_under_the_standard_normal_prior():
+    assert torch.equal(prior_latents(tiny_model(2), 16, seed=3), fixed_latents(16, 2, seed=3))
+
+
+def test_prior_latents_of_a_learned_prior_are_the_models_prior_drawn_with_the_seed():
+    config = ModelConfig(
+        stochastic_layers=2, hidden_dims=(16,), latent_dim=3, top_latent_dim=2, prior="vamp", prior_components=5,
+    )
+    model = build_model(config, seed=0)
+    model.train()
+    z = prior_latents(model, 16, seed=3)
+    assert z.shape == (16, 5) and model.training  # (z1, z2), drawn in eval mode, the flags put back
+    with torch.no_grad():
+        expected = model.sample_latents(16, torch.Generator().manual_seed(3))
+    assert torch.equal(z, expected)
+    assert not torch.equal(z, prior_latents(model, 16, seed=4))
+    assert prior_samples(model, z).size == (((28 + 2) * 4 + 2) * 2,) * 2
 
 
 @pytest.mark.parametrize("training", [True, False])

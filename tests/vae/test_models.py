@@ -1,10 +1,12 @@
-"""Specification of the VAE networks: the seed tutorials' shapes and sizes, and the model's operations."""
+"""Specification of the VAE networks: the seed tutorials' shapes and sizes, the model's operations, and the latent
+densities of the learned prior and the two-layer model against a direct computation."""
 
-import torch
 import pytest
+import torch
+from torch.distributions import Categorical, Independent, MixtureSameFamily, Normal
 
 from vae.config import ModelConfig
-from vae.models import VAE, ServingVAE, build_model
+from vae.models import VAE, GatedDense, ServingVAE, build_model, serving_copy
 
 KERAS_CONV = ModelConfig(
     architecture="conv", latent_dim=2, conv_channels=(32, 64), conv_padding="same", conv_dense_dim=16,
@@ -180,3 +182,139 @@ def test_serving_vae_is_a_cpu_copy_whose_forward_returns_reconstructions():
     with torch.no_grad():
         serving.decoder[-2].bias.add_(1.0)
     assert not torch.equal(serving.decoder[-2].bias, model.decoder[-2].bias)
+
+
+# --- gated layers, learned priors and two stochastic layers ----------------------------------------------------------
+
+HIERARCHICAL = ModelConfig(
+    stochastic_layers=2, hidden_dims=(8, 6), latent_dim=3, top_latent_dim=2, activation="gated", prior="vamp",
+    prior_components=4, logvar_limits=(-6.0, 2.0),
+)
+
+
+def gaussian_log_density(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return Normal(mu.double(), torch.exp(0.5 * logvar.double())).log_prob(z.double()).sum(-1)
+
+
+def test_gated_dense_is_h_times_the_sigmoid_of_g():
+    layer = GatedDense(5, 3)
+    x = torch.randn(4, 5)
+    h = x @ layer.linear.weight[:3].T + layer.linear.bias[:3]
+    g = x @ layer.linear.weight[3:].T + layer.linear.bias[3:]
+    torch.testing.assert_close(layer(x), h * torch.sigmoid(g))
+
+
+def test_gated_mlp_has_two_linear_maps_per_hidden_layer():
+    model = build_model(ModelConfig(hidden_dims=(300, 300), latent_dim=40, activation="gated"))
+    assert count(model.encoder) == (784 * 600 + 600) + (300 * 600 + 600) + (300 * 80 + 80)
+    assert count(model.decoder) == (40 * 600 + 600) + (300 * 600 + 600) + (300 * 784 + 784)
+
+
+def test_hierarchical_vae_has_the_vampprior_papers_networks():
+    model = build_model(ModelConfig(
+        stochastic_layers=2, hidden_dims=(300, 300), latent_dim=40, top_latent_dim=40, activation="gated", prior="vamp",
+    ))
+    gated = lambda fan_in: fan_in * 600 + 600  # noqa: E731 (GatedDense(fan_in, 300))
+    head = 300 * 80 + 80  # mean and log-variance of a 40-dimensional latent
+    assert count(model.top_encoder) == gated(784) + gated(300) + head  # q(z2|x)
+    assert count(model.bottom_encoder) == gated(784) + gated(40) + gated(600) + head  # q(z1|x, z2)
+    assert count(model.conditional_prior) == gated(40) + gated(300) + head  # p(z1|z2)
+    assert count(model.decoder) == gated(40) + gated(40) + gated(600) + 300 * 784 + 784  # p(x|z1, z2)
+    assert count(model.prior) == 500 * 784 and model.latent_dim == 80 and model.latent_dims == (40, 40)
+
+
+def test_hierarchical_latent_sample_densities_equal_a_direct_computation():
+    model = build_model(HIERARCHICAL, seed=0)
+    x = torch.bernoulli(torch.full((5, 1, 28, 28), 0.3), generator=torch.Generator().manual_seed(1))
+    eps = torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(2))  # 3 samples of (z1, z2) for 5 images
+    sample = model.latent_sample(model.posterior(x), eps)
+
+    clip = lambda logvar: logvar.clamp(-6.0, 2.0)  # noqa: E731
+    mu2, logvar2 = model.top_encoder(x).chunk(2, -1)
+    logvar2 = clip(logvar2)
+    z2 = mu2 + eps[..., 3:] * torch.exp(0.5 * logvar2)  # [3, 5, 2]
+    images = x.expand(3, *x.shape).flatten(0, 1)
+    mu1, logvar1 = model.bottom_encoder(images, z2.flatten(0, 1)).chunk(2, -1)
+    mu1, logvar1 = mu1.unflatten(0, (3, 5)), clip(logvar1).unflatten(0, (3, 5))
+    z1 = mu1 + eps[..., :3] * torch.exp(0.5 * logvar1)
+    prior_mu1, prior_logvar1 = model.conditional_prior(z2).chunk(2, -1)
+    means, logvars = model.top_encoder(model.prior.pseudo_inputs.clamp(0, 1)).chunk(2, -1)
+    mixture = MixtureSameFamily(
+        Categorical(logits=torch.zeros(4, dtype=torch.float64)),
+        Independent(Normal(means.double(), torch.exp(0.5 * clip(logvars).double())), 1),
+    )
+    log_q = gaussian_log_density(z2, mu2, logvar2) + gaussian_log_density(z1, mu1, logvar1)
+    log_p = mixture.log_prob(z2.double()) + gaussian_log_density(z1, prior_mu1, clip(prior_logvar1))
+    logits = model.decoder(z1.flatten(0, 1), z2.flatten(0, 1)).unflatten(0, (3, 5))
+
+    assert sample.log_prior.shape == sample.log_posterior.shape == (3, 5)
+    torch.testing.assert_close(sample.log_posterior.double(), log_q, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sample.log_prior.double(), log_p, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sample.logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_vae_latent_sample_densities_equal_a_direct_computation_under_either_prior():
+    x = torch.rand(4, 1, 28, 28)
+    eps = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(2))
+    for prior in ("standard_normal", "vamp"):
+        model = build_model(ModelConfig(hidden_dims=(16,), latent_dim=3, prior=prior, prior_components=5), seed=0)
+        sample = model.latent_sample(model.posterior(x), eps)
+        mu, logvar = model.encode(x)
+        z = mu + eps * torch.exp(0.5 * logvar)
+        if prior == "vamp":
+            means, logvars = model.encode(model.prior.pseudo_inputs.clamp(0, 1))
+            components = Independent(Normal(means.double(), torch.exp(0.5 * logvars.double())), 1)
+            log_p = MixtureSameFamily(Categorical(logits=torch.zeros(5, dtype=torch.float64)), components).log_prob(z.double())
+        else:
+            log_p = Normal(0.0, 1.0).log_prob(z.double()).sum(-1)
+        torch.testing.assert_close(sample.log_posterior.double(), gaussian_log_density(z, mu, logvar), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sample.log_prior.double(), log_p, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(sample.logits, model.decode(z.flatten(0, 1)).unflatten(0, (6, 4)))
+
+
+def test_hierarchical_forward_draws_what_latent_sample_draws_with_the_same_noise():
+    model = build_model(HIERARCHICAL, seed=0)
+    x, eps = torch.rand(4, 1, 28, 28), torch.randn(4, 5, generator=torch.Generator().manual_seed(3))
+    output = model(x, eps=eps)
+    sample = model.latent_sample(model.posterior(x), eps.unsqueeze(0))
+    torch.testing.assert_close(output.logits, sample.logits[0], rtol=1e-5, atol=1e-5)
+    assert output.z.shape == output.mu.shape == (4, 5)
+    drawn = model(x, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(drawn.z, output.z)
+    with pytest.raises(ValueError, match=r"eps must have shape \(4, 5\), got \(4, 3\)"):
+        model(x, eps=torch.zeros(4, 3))
+
+
+def test_log_variances_are_clipped_to_the_limits():
+    model = build_model(ModelConfig(hidden_dims=(16,), latent_dim=3, logvar_limits=(-6.0, 2.0)), seed=0)
+    with torch.no_grad():
+        model.encoder[-1].bias[3:] = torch.tensor([-50.0, 0.5, 50.0])
+        model.encoder[-1].weight[3:] = 0.0
+    _, logvar = model.encode(torch.rand(2, 1, 28, 28))
+    assert logvar.tolist() == [[-6.0, 0.5, 2.0]] * 2
+
+
+@pytest.mark.parametrize("config", [HIERARCHICAL, ModelConfig(hidden_dims=(16,), prior="vamp", prior_components=3)], ids=["hierarchical", "vamp"])
+def test_models_with_learned_priors_encode_decode_reconstruct_sample_and_serve(config):
+    model = build_model(config, seed=0)
+    x = torch.rand(4, 1, 28, 28)
+    mu, logvar = model.encode(x)
+    assert mu.shape == logvar.shape == (4, model.latent_dim)
+    assert model.decode(mu).shape == x.shape
+    samples = model.sample(6, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (6, 1, 28, 28) and 0 <= samples.min() and samples.max() <= 1
+    torch.testing.assert_close(samples, model.sample(6, generator=torch.Generator().manual_seed(1)), rtol=0, atol=0)
+    serving = serving_copy(model)
+    assert not serving.training and type(serving.unwrap()) is type(model)
+    torch.testing.assert_close(serving(x), model.reconstruct(x), rtol=0, atol=0)
+    for ours, theirs in zip(serving.unwrap().state_dict().values(), model.state_dict().values()):
+        assert torch.equal(ours, theirs)
+
+
+def test_configs_the_builders_cannot_make_are_refused_by_field():
+    with pytest.raises(ValueError, match="stochastic_layers=2 is built for the mlp architecture only"):
+        ModelConfig(architecture="conv", stochastic_layers=2)
+    with pytest.raises(ValueError, match="activation='gated' applies to the mlp architecture only"):
+        ModelConfig(architecture="conv", activation="gated")
+    with pytest.raises(ValueError, match=r"logvar_limits must be \(low, high\) with low < high"):
+        ModelConfig(logvar_limits=(2.0, -6.0))

@@ -1,13 +1,17 @@
-"""Specification of the ELBO terms: each is the textbook formula, in nats per image."""
+"""Specification of the objectives: each ELBO term is the textbook formula, in nats per image, and the
+importance-weighted bound is the log mean of the weights, the ELBO itself with one sample."""
 
 import math
 
 import pytest
 import torch
 
-from vae.config import ObjectiveConfig
-from vae.models import VAEOutput
-from vae.objectives import ElboTerms, elbo_terms, kl_divergence, kl_weight, log_normal, reconstruction_nll, training_loss
+from vae.config import ModelConfig, ObjectiveConfig
+from vae.models import LatentSample, VAEOutput, build_model
+from vae.objectives import (
+    ElboTerms, elbo_terms, iwae_bound_per_image, iwae_training_loss, kl_divergence, kl_weight, log_importance_weights,
+    log_normal, reconstruction_nll, sampled_elbo_terms, training_loss,
+)
 
 generator = torch.Generator().manual_seed(0)
 X = torch.bernoulli(torch.full((3, 1, 28, 28), 0.3), generator=generator)
@@ -77,3 +81,61 @@ def test_the_training_loss_is_the_batch_mean_of_reconstruction_plus_weighted_kl(
     assert training_loss(terms, weight=1.0).item() == (1.0 + 3.0 + 2.0 + 5.0) / 2  # the negative ELBO per image
     assert training_loss(terms, weight=0.5).item() == (1.0 + 1.5 + 2.0 + 2.5) / 2
     assert training_loss(terms, weight=0.5, images=4).item() == (1.0 + 1.5 + 2.0 + 2.5) / 4  # a shard of 4 images
+
+
+# --- the importance-weighted bound -----------------------------------------------------------------------------------
+
+
+def small_vae():
+    return build_model(ModelConfig(hidden_dims=(16,), latent_dim=3), seed=0)
+
+
+def test_importance_weighted_objective_with_one_sample_equals_the_elbo_objective():
+    # The same model, images and noise: the k = 1 importance-weighted loss is the negative ELBO with the Monte Carlo
+    # KL, for any weight of the KL term (beta, warm-up).
+    model, eps = small_vae(), torch.randn(3, 3, generator=torch.Generator().manual_seed(1))
+    elbo = elbo_terms(X, model(X, eps=eps), ObjectiveConfig(kl="monte_carlo"))
+    per_sample = sampled_elbo_terms(X, model.latent_sample(model.posterior(X), eps.unsqueeze(0)), ObjectiveConfig(bound="iwae"))
+    assert per_sample.reconstruction.shape == per_sample.kl.shape == (1, 3)
+    torch.testing.assert_close(per_sample.reconstruction[0], elbo.reconstruction)
+    torch.testing.assert_close(per_sample.kl[0], elbo.kl, rtol=1e-5, atol=1e-4)  # log q by another route: rounding
+    for weight in (1.0, 0.25, 0.0):
+        expected = training_loss(elbo, weight).item()
+        assert iwae_training_loss(per_sample, weight).item() == pytest.approx(expected, rel=1e-6)
+        assert iwae_training_loss(per_sample, weight, images=6).item() == pytest.approx(expected / 2, rel=1e-6)
+
+
+def test_sampled_terms_are_minus_the_log_likelihood_and_log_posterior_minus_log_prior():
+    sample = LatentSample(torch.stack([LOGITS, LOGITS - 1]), torch.tensor([[1.0, 2, 3], [4, 5, 6]]), torch.tensor([[0.5, 0.5, 0.5], [1, 1, 1]]))
+    terms = sampled_elbo_terms(X, sample, ObjectiveConfig())
+    expected = torch.stack([reconstruction_nll(X, LOGITS, "bernoulli"), reconstruction_nll(X, LOGITS - 1, "bernoulli")])
+    torch.testing.assert_close(terms.reconstruction, expected)
+    assert terms.kl.tolist() == [[-0.5, -1.5, -2.5], [-3.0, -4.0, -5.0]]
+
+
+def test_importance_weights_are_the_likelihood_times_prior_over_posterior_with_the_kl_weighted():
+    terms = ElboTerms(torch.tensor([[80.0, 90.0], [85.0, 70.0]]), torch.tensor([[10.0, 20.0], [4.0, -2.0]]))
+    assert log_importance_weights(terms).tolist() == [[-90.0, -110.0], [-89.0, -68.0]]
+    assert log_importance_weights(terms, 0.5).tolist() == [[-85.0, -100.0], [-87.0, -69.0]]
+
+
+def test_the_importance_weighted_loss_is_minus_the_mean_bound_of_the_batch():
+    terms = ElboTerms(torch.tensor([[80.0, 90.0], [85.0, 70.0]]), torch.tensor([[10.0, 20.0], [4.0, -2.0]]))
+    bound = torch.logsumexp(torch.tensor([[-90.0, -110.0], [-89.0, -68.0]]), dim=0) - math.log(2)
+    assert iwae_training_loss(terms, 1.0).item() == pytest.approx(-bound.mean().item())
+
+
+def test_importance_weighted_bound_is_the_log_mean_of_the_weights():
+    log_weights = torch.log(torch.tensor([[1.0, 10.0], [2.0, 20.0], [6.0, 0.0]]))  # 3 samples of 2 images
+    torch.testing.assert_close(iwae_bound_per_image(log_weights), torch.log(torch.tensor([3.0, 10.0])))
+
+
+def test_importance_weighted_bound_is_at_least_the_mean_of_the_sample_elbos():
+    log_weights = torch.randn(50, 8, generator=torch.Generator().manual_seed(2)) * 10 - 100
+    assert torch.all(iwae_bound_per_image(log_weights) >= log_weights.mean(0))
+
+
+def test_several_samples_need_the_iwae_bound():
+    with pytest.raises(ValueError, match="samples=5 needs bound='iwae'"):
+        ObjectiveConfig(samples=5)
+    assert ObjectiveConfig(bound="iwae", samples=5).samples == 5
