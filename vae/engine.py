@@ -357,7 +357,9 @@ def _out_of_time(state: TrainingState) -> bool:
     if limit is None or not state.epoch_seconds:
         return False
     per_epoch_minutes = state.training_minutes / len(state.epoch_seconds)
-    return bool(from_rank_0(state.training_minutes + per_epoch_minutes > limit))
+    out_of_time = state.training_minutes + per_epoch_minutes > limit
+    mine = {"out_of_time": float(out_of_time)} if rank_and_world_size()[0] == 0 else None
+    return bool(from_rank_0(mine, ["out_of_time"], state.device)["out_of_time"])
 
 
 def _check_finite(losses: Tensor, epoch: int) -> None:
