@@ -15,9 +15,15 @@ APT_GET := DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=600
 # from /usr/lib/postgresql/<version>/bin in temporary directories; no cluster of the system's is used.
 POSTGRESQL_PACKAGES := postgresql
 
-# Shell for a recipe: apt-get install the packages $(1), its output shown only when the update or the install fails.
+# Shell for a recipe: apt-get install the packages $(1), apt-get's output shown only when the update or the install
+# fails; nothing is installed from stale or half-updated package lists.
 apt_install = log=$$(mktemp); \
-	if ! { $(APT_GET) update && $(APT_GET) install -y --no-install-recommends $(1); } >$$log 2>&1; then \
+	if ! $(APT_GET) update >$$log 2>&1; then \
+	  tail -n 40 $$log >&2; rm -f $$log; \
+	  echo "error: apt-get update failed (its output is above): not installing $(1) from stale package lists" >&2; \
+	  exit 1; \
+	fi; \
+	if ! $(APT_GET) install -y --no-install-recommends $(1) >$$log 2>&1; then \
 	  tail -n 40 $$log >&2; rm -f $$log; \
 	  echo "error: apt-get could not install $(1) (the end of its output is above)" >&2; \
 	  exit 1; \

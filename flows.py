@@ -216,6 +216,8 @@ def dask_task_runner(address: str | None = None, workers: int = LOCAL_WORKERS) -
     The local cluster's scheduler, workers and dashboard listen on 127.0.0.1 only: Dask runs the pickled functions
     any client sends it, without authentication (its dashboard would otherwise listen on every interface).
     """
+    from prefect_dask import DaskTaskRunner
+
     if address:
         return DaskTaskRunner(address=address)
     return DaskTaskRunner(cluster_kwargs={

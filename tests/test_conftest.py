@@ -53,7 +53,7 @@ def public_host(tmp_path: Path) -> Iterator[str]:
 
 def publish_only(monkeypatch: pytest.MonkeyPatch, host: str) -> None:
     """Make the one data set a tiny one published at ``host``, with no mirror."""
-    spec = data.DatasetSpec("tiny", (host,), {"tiny": hashlib.sha256(FILE).hexdigest()}, ("seven",))
+    spec = data.DatasetSpec("tiny", (host,), {"tiny": hashlib.sha256(FILE).hexdigest()}, ("seven",), {"tiny": len(FILE)})
     monkeypatch.setattr(data, "DATASETS", {"tiny": spec})
     monkeypatch.delenv("VAE_DATA_MIRROR", raising=False)
 

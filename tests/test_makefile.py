@@ -43,7 +43,7 @@ def machine(tmp_path: Path):
         settings = [f"{name}={value}" for name, value in {**variables, "VENV": str(venv)}.items()]
         finished = subprocess.run(
             ["make", "--no-print-directory", "-C", str(PROJECT_ROOT), target, *settings],
-            env={**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}, capture_output=True, text=True, timeout=120,
+            env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}"), capture_output=True, text=True, timeout=120,
         )
         calls = lambda path: path.read_text().splitlines() if path.exists() else []  # noqa: E731
         return finished, calls(apt_calls), calls(python_calls)
@@ -87,3 +87,10 @@ def test_make_test_with_the_browser_installs_nothing(machine, tmp_path):
     assert finished.returncode == 0, finished.stderr
     assert apt_calls == [] and python_calls == ["-m pytest"]
     assert "warning" not in finished.stderr
+
+
+def clean_env(**changes: str) -> dict[str, str]:
+    """This process's environment without what an enclosing make passes down (its command-line variables, such as
+    PYTEST_ARGS, reach a nested make through MAKEFLAGS), with ``changes``."""
+    inherited = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "PYTEST_ARGS")
+    return {**{name: value for name, value in os.environ.items() if name not in inherited}, **changes}

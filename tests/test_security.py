@@ -12,10 +12,12 @@ import subprocess
 import sys
 import threading
 import tomllib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+
 import pytest
 import torch
 import yaml
@@ -37,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 SECRET = "s3cret"
 SMALL = {
     "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "model.latent_dim": 2,
-    "train.batch_size": 100, "train.device": "cpu", "train.epochs": 1, "eval.iwae_samples": 2,
+    "train.batch_size": 100, "train.device": "cpu", "train.epochs": 1, "eval.iwae_samples": 2, "eval.fid": False,
 }
 SMALL_ARGS = [arg for name, value in SMALL.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
 
@@ -297,7 +299,8 @@ def test_a_mirror_password_is_in_no_tag_file_log_or_output_of_the_run_its_downlo
     monkeypatch.setenv("VAE_DATA_MIRROR", with_credentials(url))
     monkeypatch.setattr(flows, "fetch_data", flows.fetch_data.with_options(retries=0))
 
-    with pytest.warns(UserWarning) as warned:
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         code = cli.main(["train", *SMALL_ARGS, "--set", f"data.cache_dir={json.dumps(str(tmp_path / 'cache'))}"])
 
     assert code == 1

@@ -188,8 +188,9 @@ def test_eight_concurrent_training_flows_on_postgresql_lose_nothing_and_leave_th
 
 # --- the tracking server dies in the middle of a run ------------------------------------------------------------------
 
-# Epochs of 300 steps of a small network: the server dies while the flow trains epoch 2 (see Flow.pause_after).
-LONG_EPOCHS = team_load.SMALL_FLOW | {"data.train_subset": 6_000, "train.batch_size": 20, "train.epochs": 3}
+# Three epochs of 75 steps of a small network: the flow is stopped (SIGSTOP) right after epoch 1's line, the server
+# killed, and the flow let go, so that the server is gone while epoch 2 trains whatever the epochs' length.
+LONG_EPOCHS = team_load.SMALL_FLOW | {"data.train_subset": 1_500, "train.batch_size": 20, "train.epochs": 3}
 FLOW_TIMEOUT_SECONDS = 900
 
 

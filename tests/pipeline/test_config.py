@@ -128,8 +128,9 @@ def test_a_bad_value_is_rejected_naming_the_field(override, named):
 
 
 FLOAT_FIELDS = [
-    "objective.gaussian_std", "objective.beta", "objective.kl_warmup_epochs", "train.learning_rate",
-    "train.grad_clip_norm", "registry.promotion_margin_nats",
+    "objective.gaussian_std", "objective.beta", "objective.kl_warmup_epochs", "train.learning_rate", "train.epsilon",
+    "train.grad_clip_norm", "train.lr_warmup_epochs", "train.lr_final_fraction", "train.max_minutes",
+    "classifier.dropout", "classifier.learning_rate", "registry.promotion_margin_nats",
 ]
 
 

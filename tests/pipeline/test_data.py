@@ -439,7 +439,8 @@ def test_a_failing_mirror_url_with_credentials_is_named_without_them(tiny, cache
     url, _ = serve(files_under(tmp_path / "mirror"))
     with_credentials = url.replace("http://", "http://alice:s3cret@")
 
-    with pytest.raises(DownloadError) as error, pytest.warns(UserWarning) as record:
+    with pytest.raises(DownloadError) as error, warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         fetch("tiny", cache, [with_credentials], retries=1)
 
     redacted = url.replace("http://", "http://***@")
@@ -448,7 +449,24 @@ def test_a_failing_mirror_url_with_credentials_is_named_without_them(tiny, cache
         f"expected {sha256(LABELS)}",
         f"  {redacted}/tiny/{NAME}: HTTPError: HTTP Error 404: Not Found",
     ]
-    assert [str(warning.message) for warning in record] == [str(error.value).splitlines()[1].split(": ", 1)[1]]
+    assert record == []  # said once, by the error
+
+
+def test_a_tampered_mirror_with_credentials_is_warned_about_without_them_when_a_later_source_serves_the_file(
+    tiny, cache, tmp_path, serve
+):
+    make_mirror(tmp_path / "bad", {NAME: idx_bytes(np.zeros(10, dtype=np.uint8))})
+    make_mirror(tmp_path / "good", {NAME: LABELS})
+    bad, _ = serve(files_under(tmp_path / "bad"))
+    good, _ = serve(files_under(tmp_path / "good"))
+
+    with pytest.warns(UserWarning) as record:
+        fetch("tiny", cache, [bad.replace("http://", "http://alice:s3cret@"), good], retries=1)
+
+    redacted = bad.replace("http://", "http://***@")
+    assert [str(warning.message).split(": decompressed")[0] for warning in record] == [
+        f"{NAME} from {redacted}/tiny/{NAME}.gz"
+    ]
 
 
 def test_fetch_rejects_an_unknown_data_set(cache):
