@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -44,8 +45,6 @@ class Flow:
     def __init__(self, command: list[str] | str, env: dict[str, str], log: Path):
         self.log = log
         self.lines: list[str] = []
-        if isinstance(command, str):  # a printed command, run by the shell as a user pastes it; exec: the same process
-            command = f"exec {command}"
         self.process = subprocess.Popen(
             command, shell=isinstance(command, str), cwd=PROJECT_ROOT, env=env, text=True,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
@@ -63,10 +62,20 @@ class Flow:
         pytest.fail(f"no line matching {pattern!r}; output:\n{''.join(self.lines)[-4000:]}")
 
     def kill(self) -> None:
-        """SIGKILL, as `kill -9` sends it: no handler runs, nothing is closed."""
-        os.kill(self.process.pid, signal.SIGKILL)
+        """SIGKILL, as `kill -9` sends it, to the flows.py process (and the shell that started it, if any): no handler
+        runs, nothing is closed. Its process id is kept as ``pid``."""
+        self.pid = self.flows_pid()
+        os.killpg(self.process.pid, signal.SIGKILL)  # the session of its own that it was started in
         self.process.wait()
         self._save()
+
+    def flows_pid(self) -> int:
+        """The id of the process running flows.py: the one started, or the shell's child running the command."""
+        started = psutil.Process(self.process.pid)
+        for process in [started, *started.children(recursive=True)]:
+            if "flows.py" in " ".join(process.cmdline()):
+                return process.pid
+        raise AssertionError(f"no flows.py process under {self.process.pid}")
 
     def finish(self) -> str:
         """All of its output, once it has exited with 0."""
@@ -140,14 +149,14 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
     client = MlflowClient()
     stale = client.get_run(run_id)
     assert stale.info.status == "RUNNING"  # nothing ran to close it
-    assert (stale.data.tags["process.host"], stale.data.tags["process.pid"]) == (socket.gethostname(), str(first.process.pid))
+    assert (stale.data.tags["process.host"], stale.data.tags["process.pid"]) == (socket.gethostname(), str(first.pid))
     assert stale.data.tags["resume_command"] == command
     host = socket.gethostname()
 
     # 2. Resumed with the printed command; killed right after the line of its first epoch.
     second = Flow(command, flow_env, tmp_path / "killed-2.log")
     second.read_until(
-        rf"{LINE}run {run_id} marked KILLED: process {first.process.pid} on {re.escape(host)} ended without closing this "
+        rf"{LINE}run {run_id} marked KILLED: process {first.pid} on {re.escape(host)} ended without closing this "
         rf"run; resume it with: {re.escape(command)}$"
     )
     second.read_until(rf"{LINE}run {run_id} has no whole checkpoint \(.*\): it trains again from the start$")
@@ -156,7 +165,7 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
 
     # 3. Resumed again; killed in the middle of its second epoch (epoch 3), half an epoch after the line of epoch 2.
     third = Flow(command, flow_env, tmp_path / "killed-3.log")
-    third.read_until(rf"{LINE}run {run_id} marked KILLED: process {second.process.pid} on {re.escape(host)} ")
+    third.read_until(rf"{LINE}run {run_id} marked KILLED: process {second.pid} on {re.escape(host)} ")
     third.read_until(rf"{LINE}resuming run {run_id} from the checkpoint of epoch 1, checkpoint/checkpoint.pt$")
     seconds = float(third.read_until(rf"{LINE}epoch 2/4: .*, ([0-9.]+) s$").group(1))
     time.sleep(seconds / 2)
@@ -165,7 +174,7 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
 
     # 4. Resumed once more, to the end.
     printed = Flow(command, flow_env, tmp_path / "resumed.log").finish()
-    assert f"run {run_id} marked KILLED: process {third.process.pid} on {host} " in printed
+    assert f"run {run_id} marked KILLED: process {third.pid} on {host} " in printed
     resumed_from = int(re.search(rf"{LINE}resuming run {run_id} from the checkpoint of epoch (\d)", printed, re.M).group(1))
     assert resumed_from in (2, 3)  # 3 only if the kill came after epoch 3's checkpoint reached MLflow
 
