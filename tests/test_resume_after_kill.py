@@ -73,7 +73,7 @@ class Flow:
         """The id of the process running flows.py: the one started, or the shell's child running the command."""
         started = psutil.Process(self.process.pid)
         for process in [started, *started.children(recursive=True)]:
-            if "flows.py" in " ".join(process.cmdline()):
+            if any(argument.endswith("flows.py") for argument in process.cmdline()):  # not sh -c "... flows.py ..."
                 return process.pid
         raise AssertionError(f"no flows.py process under {self.process.pid}")
 
