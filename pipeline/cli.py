@@ -74,7 +74,7 @@ def _print_outcome(config: RunConfig, outcome: TrainingOutcome) -> None:
     print(f"\n{config.preset} on {config.data.dataset}: {outcome.epochs_trained} epochs, {outcome.training_minutes:.1f} minutes of training")
     _print_metrics(config, outcome.metrics)
     for name, value in (outcome.tutorial_figures or {}).items():
-        print(f"  {name} {value:.2f} (epoch {outcome.epochs_trained}, in the tutorial's unit)")
+        print(f"  {name:<15} {value:9.2f}       (epoch {outcome.epochs_trained}, in the tutorial's unit)")
     print(f"  MLflow run      {outcome.run_id} (experiment {config.experiment_name}, store {redact(outcome.tracking_uri)})")
     if outcome.version is not None:
         print(f"  registered      models:/{outcome.registered_model}/{outcome.version} as {outcome.alias}: {outcome.promotion_reason}")

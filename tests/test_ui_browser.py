@@ -1,5 +1,6 @@
 """The MLflow UI as a person sees it: headless Chromium on `flows.py ui` over a store a training flow run filled."""
 
+import re
 import shutil
 import sys
 from collections.abc import Callable, Iterator
@@ -174,12 +175,12 @@ def test_the_mlflow_ui_shows_the_experiment_the_run_its_metrics_and_pictures(bro
     with Image.open(client.download_artifacts(outcome.run_id, PREVIEWED_PICTURE, str(tmp_path))) as picture:
         picture_size = picture.size
 
-    # On the home page, as a person would: the "Model training" view (the browser keeps it), no assistant panel.
-    browser.get(mlflow_ui)
-    click(browser, "//*[normalize-space(text())='Model training']", "the switch to the Model training view")
+    # As a person would: the address `flows.py ui` printed for the experiment, opened in a fresh browser, lands on the
+    # experiment's runs (MLflow 3 would open its GenAI view otherwise); no click on "Model training".
+    (address,) = re.findall(rf"^  {experiment.name} +(http://\S+)$", (tmp_path / "ui.log").read_text(), re.M)
+    assert address == f"{mlflow_ui}/#/experiments/{outcome.experiment_id}/runs?workflowType=machine_learning"
+    browser.get(address)
     click(browser, "//button[@data-component-id='mlflow.assistant.chat_panel.close']", "the assistant panel")
-
-    browser.get(f"{mlflow_ui}/#/experiments/{outcome.experiment_id}")
     runs_route = f"/experiments/{outcome.experiment_id}/runs"
     wait_for(browser, lambda b: route(b) == runs_route, f"the experiment's runs ({runs_route})")
     experiment_link = f"//a[@data-testid='experiment-link' and normalize-space()='{experiment.name}']"
