@@ -34,7 +34,7 @@ class DataConfig(BaseModel):
     split_seed: Seed = 0
     binarization_seed: Seed = 0
     # Keep only this many training images (quick runs, tests).
-    train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES)
+    train_subset: int | None = Field(None, gt=0, le=TRAIN_IMAGES + TEST_IMAGES)  # checked against the split below
     # "train+test": train on the test images too, as the Keras conv VAE example does (70k images). The test metrics
     # are then not held out: such a run never competes with held-out ones for champion.
     training_images: Literal["train", "train+test"] = "train"

@@ -60,7 +60,7 @@ def test_tensorflow_and_keras_presets_use_keras_epsilon_and_the_others_their_fra
     epsilons = {preset: load_config(preset).train.epsilon for preset in PRESETS}
     assert epsilons == {
         "default": None, "tf-fashion-mlp": 1e-7, "vae-tutorial-mlp": None, "keras-conv-fashion": None,
-        "tf-cvae-mnist": 1e-7, "matlab-conv-mnist": None,
+        "tf-cvae-mnist": 1e-7, "matlab-conv-mnist": None, "hvae-vampprior": None,
     }  # None: Adam's 1e-8 (TF1 and MATLAB use it too), Keras RMSprop's 1e-7
 
 
@@ -232,7 +232,7 @@ def test_registered_models_are_one_per_comparable_family_of_data_set_binarizatio
         "vae-tutorial-mlp": "vae-mnist-grayscale",
         "keras-conv-fashion": "vae-fashion-mnist-grayscale-train-test",  # trained on the test images
         "tf-cvae-mnist": "vae-mnist-threshold",
-        "matlab-conv-mnist": "vae-mnist-grayscale-gaussian",
+        "matlab-conv-mnist": "vae-mnist-grayscale-gaussian", "hvae-vampprior": "vae-mnist",
     }
     assert load_config("default", {"data.dataset": "fashion-mnist"}).model_name == "vae-fashion-mnist"
     assert load_config("default", {"data.binarization": "static"}).model_name == "vae-mnist-static"

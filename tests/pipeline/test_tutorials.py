@@ -98,6 +98,6 @@ def test_every_tutorial_metric_has_names_and_every_tutorial_preset_names_its_fig
         "vae-tutorial-mlp": "tutorial_loss",
         "keras-conv-fashion": "keras_loss",
         "tf-cvae-mnist": "tf_test_elbo",
-        "matlab-conv-mnist": "matlab_test_elbo_loss",
+        "matlab-conv-mnist": "matlab_test_elbo_loss", "hvae-vampprior": "none",
     }
     assert tutorials.figure_names(load_config("keras-conv-fashion")) == ("keras_loss", "keras_reconstruction_loss", "keras_kl_loss")
