@@ -11,9 +11,10 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -44,6 +45,9 @@ SMALL = {
 SMALL_ARGS = [arg for name, value in SMALL.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
 
 
+LOGS_SECONDS = 120  # for a run's last log records to reach the Prefect server on a loaded machine
+
+
 def with_credentials(url: str) -> str:
     return url.replace("http://", f"http://alice:{SECRET}@")
 
@@ -52,20 +56,34 @@ def redacted(url: str) -> str:
     return url.replace("http://", "http://***@")
 
 
-async def flow_run_records(flow_name: str) -> tuple[list[str], list[str]]:
-    """The log messages and the artifacts' data of the latest run of ``flow_name`` on the session's Prefect server."""
+async def flow_run_records(
+    flow_name: str, until: Callable[[list[str]], bool] | None = None
+) -> tuple[list[str], list[str]]:
+    """The log messages and the artifacts' data of the latest run of ``flow_name`` on the session's Prefect server.
+
+    Logs reach the server in batches from a background worker: it is flushed first, and with ``until`` the logs are
+    read again (for up to LOGS_SECONDS) until ``until(messages)`` holds.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowFilter, FlowFilterName
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogHandler
 
+    await APILogHandler.aflush()
+    deadline = time.monotonic() + LOGS_SECONDS
     async with get_client() as client:
         (run,) = await client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])), sort=FlowRunSort.START_TIME_DESC, limit=1
         )
-        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        while True:
+            logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            messages = [log.message for log in logs]
+            if until is None or until(messages) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1)
         artifacts = await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
-    return [log.message for log in logs], [str(artifact.data) for artifact in artifacts]
+    return messages, [str(artifact.data) for artifact in artifacts]
 
 
 def everything_recorded_about(client: MlflowClient, run_id: str, scratch: Path) -> str:
@@ -313,7 +331,7 @@ def test_a_mirror_password_is_in_no_tag_file_log_or_output_of_the_run_its_downlo
     assert run.info.status == "FAILED" and source in run.data.tags["error"]
     recorded = everything_recorded_about(client, run.info.run_id, tmp_path / "artifacts")
     assert f"{source}: train-images-idx3-ubyte from {source}" in recorded  # error.txt, with the redacted source
-    logs, artifacts = asyncio.run(flow_run_records("train-vae"))
+    logs, artifacts = asyncio.run(flow_run_records("train-vae", until=lambda logs: any(source in m for m in logs)))
     assert any(source in message for message in logs)
     for place, text in {"stdout": out, "stderr": err, "MLflow": recorded, "Prefect logs": "\n".join(logs),
                         "warnings": "\n".join(str(w.message) for w in warned)}.items():
