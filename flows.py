@@ -179,7 +179,7 @@ def summary_markdown(config: RunConfig, outcome: TrainingOutcome) -> str:
     rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in outcome.metrics.items())
     note = "; ".join(training.run_notes(config))
     address = tracking.ui_url(outcome.experiment_id, outcome.run_id, tracking_uri=outcome.tracking_uri)
-    local = not outcome.tracking_uri.startswith(("http://", "https://"))
+    local = not tracking.is_tracking_server(outcome.tracking_uri)
     ui_link = f"[open it in the MLflow UI]({address})" + (" once `python flows.py ui` serves the store" if local else "")
     if outcome.version is None:
         registry_text = "Not registered (`registry.enabled` is false)."

@@ -85,7 +85,7 @@ def _print_ui(tracking_uri: str, experiment_id: str, run_id: str) -> None:
     from pipeline import tracking
 
     address = tracking.ui_url(experiment_id, run_id, tracking_uri=tracking_uri)
-    how = "" if tracking_uri.startswith(("http://", "https://")) else "python flows.py ui, then "
+    how = "" if tracking.is_tracking_server(tracking_uri) else "python flows.py ui, then "
     print(f"  open the UI     {how}{address}")
 
 
@@ -326,7 +326,7 @@ def _ui(args: argparse.Namespace) -> int:
     from pipeline import tracking
 
     uri = tracking.default_tracking_uri()
-    if uri.startswith(("http://", "https://")):
+    if tracking.is_tracking_server(uri):
         print(f"MLFLOW_TRACKING_URI is a tracking server, which serves the UI itself: open {redact(uri)}")
         return 0
     if not (args.host == "localhost" or _is_loopback(args.host)):

@@ -83,6 +83,11 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or _project_store_uri()
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether the tracking URI names an MLflow tracking server (which serves the UI itself), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
 def _project_store_uri() -> str:
     return f"sqlite:///{MLRUNS_DIR / 'mlflow.db'}"
 
@@ -560,8 +565,7 @@ class MLflowCallback(Callback):
         mlflow.log_metric("epochs_trained", state.epoch)
 
     def _log_epoch(self, state: TrainingState, epoch: int) -> None:
-        seconds = sum(state.epoch_seconds[:epoch]) + sum(state.validation_seconds[:epoch])
-        elapsed = {"epoch_seconds": state.epoch_seconds[epoch - 1], "training_minutes": seconds / 60}
+        elapsed = {"epoch_seconds": state.epoch_seconds[epoch - 1], "training_minutes": state.training_minutes_after(epoch)}
         mlflow.log_metrics({**state.history[epoch - 1], **elapsed}, step=epoch)
 
     def _log_grid(self, state: TrainingState) -> None:
@@ -629,7 +633,7 @@ def ui_url(experiment_id: str, run_id: str | None = None, *, tracking_uri: str |
     ``ui`` (default: :data:`LOCAL_UI`, where `flows.py ui` serves a local store).
     """
     uri = tracking_uri or default_tracking_uri()
-    if uri.startswith(("http://", "https://")):  # the server's address without credentials: the browser asks for them
+    if is_tracking_server(uri):  # the server's address without credentials: the browser asks for them
         parts = urllib.parse.urlsplit(uri)
         base = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
     else:

@@ -72,7 +72,11 @@ class TrainingState:
     @property
     def training_minutes(self) -> float:
         """Minutes spent so far in the training passes and the validations after them (not checkpoints or callbacks)."""
-        return (sum(self.epoch_seconds) + sum(self.validation_seconds)) / 60
+        return self.training_minutes_after(len(self.epoch_seconds))
+
+    def training_minutes_after(self, epoch: int) -> float:
+        """:attr:`training_minutes` as it was at the end of ``epoch`` (counted from 1)."""
+        return (sum(self.epoch_seconds[:epoch]) + sum(self.validation_seconds[:epoch])) / 60
 
 
 class Callback:

@@ -68,7 +68,8 @@ def sample_quality(
 ) -> dict[str, float]:
     """How real the model's images look to ``classifier``, against the ``reference`` images (float [N, C, H, W] in [0, 1]).
 
-    - ``fid``: FID of ``samples`` mean images decoded from z ~ N(0, I) (drawn with a generator seeded with ``seed``);
+    - ``fid``: FID of ``samples`` mean images decoded from latents drawn from the model's prior (with a generator
+      seeded with ``seed``);
     - ``reconstruction_fid``: FID of the mean images decoded from the posterior means of the ``test`` images (the test
       set as the model sees it, binarized as it was trained);
     - ``reconstruction_accuracy``: the share of those reconstructions the classifier assigns to their test image's
