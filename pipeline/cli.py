@@ -138,7 +138,9 @@ def _train_shard(config: RunConfig) -> int:
     from pipeline import data, training
     from vae.engine import NonFiniteLossError
 
-    prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
+    # Rank 0 reports the download (each process fetches, into the same cache); here it would only repeat it.
+    files = data.fetch(config.data.dataset, config.data.cache_dir, progress=False)
+    prepared = data.prepare_configured(config.data, files)
     try:
         training.train(config, prepared)
     except NonFiniteLossError as error:

@@ -29,6 +29,7 @@ from torch import Tensor
 from pipeline.config import DataConfig
 from pipeline.redaction import redact
 from vae.data import Binarization, ImageSet, binarize
+from vae.progress import progress as progress_of
 
 FILE_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 IMAGE_SHAPE = (28, 28)
@@ -181,6 +182,7 @@ def fetch(
     retries: int = 3,
     backoff: float = 0.5,
     deadline: float = DOWNLOAD_DEADLINE_SECONDS,
+    progress: bool | None = None,
 ) -> dict[str, Path]:
     """Paths to the files of ``dataset``, decompressed and verified in ``<cache_dir>/<dataset>/``, fetched if need be.
 
@@ -192,6 +194,10 @@ def fetch(
     Reading a source stops, and the next source is tried, as soon as it decompresses past the file's published size
     (a gzip bomb), sends more bytes than the file could take even stored uncompressed, or takes longer than
     ``deadline`` seconds; ``timeout`` bounds each network read. Nothing partial is left in the cache.
+
+    Each file read from a source reports its decompressed bytes against the published size, under its name and the
+    source's redacted address; ``progress`` as in :func:`vae.progress.progress` (a bar on a terminal, else a line
+    every so often; False, as in a process of rank > 0, for nothing).
     """
     if retries < 1:
         raise ValueError(f"retries must be at least 1, got {retries}")
@@ -210,7 +216,7 @@ def fetch(
         sources = [f"{mirror.rstrip('/')}/{spec.name}/{name}{suffix}" for mirror in mirrors for suffix in (".gz", "")]
         sources += [f"{host.rstrip('/')}/{name}.gz" for host in spec.hosts]
         limits = {"timeout": timeout, "retries": retries, "backoff": backoff, "deadline": deadline}
-        _fetch_file(path, expected, spec.sizes[name], sources, **limits)
+        _fetch_file(path, expected, spec.sizes[name], sources, **limits, progress=progress)
     return paths
 
 
@@ -331,6 +337,7 @@ def _fetch_file(
     retries: int,
     backoff: float,
     deadline: float,
+    progress: bool | None,
 ) -> None:
     """Put the first source whose decompressed bytes (``size`` of them) have sha256 ``expected`` at ``path``, else raise
     DownloadError.
@@ -344,7 +351,8 @@ def _fetch_file(
         attempts = retries if source.startswith(("http://", "https://")) else 1
         try:
             _copy_with_retries(
-                source, path, expected, size, timeout=timeout, attempts=attempts, backoff=backoff, deadline=deadline
+                source, path, expected, size,
+                timeout=timeout, attempts=attempts, backoff=backoff, deadline=deadline, progress=progress,
             )
             for mismatch in mismatches:
                 warnings.warn(redact(str(mismatch)), stacklevel=3)
@@ -365,12 +373,21 @@ def _fetch_file(
 
 
 def _copy_with_retries(
-    source: str, path: Path, expected: str, size: int, *, timeout: float, attempts: int, backoff: float, deadline: float
+    source: str,
+    path: Path,
+    expected: str,
+    size: int,
+    *,
+    timeout: float,
+    attempts: int,
+    backoff: float,
+    deadline: float,
+    progress: bool | None,
 ) -> None:
     """:func:`_copy_verified`, tried up to ``attempts`` times with exponential backoff while failures look transient."""
     for attempt in range(attempts):
         try:
-            return _copy_verified(source, path, expected, size, timeout, deadline)
+            return _copy_verified(source, path, expected, size, timeout, deadline, progress)
         except (OSError, EOFError, http.client.HTTPException) as error:
             if attempt + 1 == attempts or not _is_transient(error):
                 raise
@@ -387,13 +404,17 @@ def _is_transient(error: Exception) -> bool:
     return isinstance(error, (OSError, EOFError, http.client.HTTPException))
 
 
-def _copy_verified(source: str, path: Path, expected: str, size: int, timeout: float, deadline: float) -> None:
+def _copy_verified(
+    source: str, path: Path, expected: str, size: int, timeout: float, deadline: float, progress: bool | None
+) -> None:
     """Stream ``source`` (gzip or raw) to ``path`` through a temporary file, kept only if its sha256 is ``expected``.
 
-    At most ``size`` + 1 decompressed bytes are read: one more than the file has is enough to refuse the source.
+    At most ``size`` + 1 decompressed bytes are read: one more than the file has is enough to refuse the source. The
+    decompressed bytes are reported, a chunk at a time, as "<file> from <redacted source>" (see ``progress``).
     """
     described = f"{path.name} from {redact(source)}"
-    with _open(source, timeout) as raw:
+    report = progress_of(size, described, "B", enabled=progress, unit_scale=True)
+    with _open(source, timeout) as raw, report as done:
         limited = _LimitedSource(raw, max_bytes=_source_byte_limit(size), seconds=deadline, described=described)
         stream = _gunzipped(io.BufferedReader(limited, buffer_size=64 << 10))
         descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -410,6 +431,7 @@ def _copy_verified(source: str, path: Path, expected: str, size: int, timeout: f
                         )
                     digest.update(chunk)
                     file.write(chunk)
+                    done.update(len(chunk))
             actual = digest.hexdigest()
             if actual != expected:
                 raise ChecksumError(f"{described}: decompressed sha256 is {actual}, expected {expected}")

@@ -109,6 +109,22 @@ def one_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(threads)
 
+
+# --- progress reports ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def progress_at_every_update(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a terminal, vae.progress prints its line at every update, each at "0 s": LOG_EVERY_SECONDS is 0 and its
+    clock stands at 0 (vae.progress's alone: the rest of the process keeps time.monotonic)."""
+    from types import SimpleNamespace
+
+    from vae import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: 0.0))
+
+
 # A classifier recipe for FID that trains in a second or two (about 77% test accuracy on MNIST), and few prior samples:
 # flow tests measure FID with it, so that each fresh store's first run does not train the real one (minutes).
 TINY_CLASSIFIER = {

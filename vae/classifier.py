@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -14,10 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
-from tqdm.auto import tqdm
 
 from vae.config import ClassifierConfig
 from vae.distributed import resolve_device
+from vae.progress import progress as progress_of
 
 NUM_CLASSES = 10
 # The network's layout, stored in every weights file: a change of layout must not load old weights (or reuse an old
@@ -72,7 +71,9 @@ def train_classifier(
     Adam with the learning rate decayed linearly to zero over the run, cross-entropy, batches drawn by index from
     the images held as one tensor on the device, seeded by ``config.seed`` (shuffling and dropout; the global RNG is
     left as it was): the same config and data give the same classifier on the CPU. Returns the classifier in eval
-    mode and one record per epoch (``train_loss``, ``train_accuracy``, ``seconds``).
+    mode and one record per epoch (``train_loss``, ``train_accuracy``, ``seconds``). ``progress`` as in
+    :func:`vae.progress.progress`, in images over all the epochs ("classifier training (3 epochs)"): one report for
+    the whole training, so that a log gets its line every LOG_EVERY_SECONDS however short an epoch is.
     """
     if images.ndim != 4 or not images.is_floating_point() or labels.shape != images.shape[:1]:
         raise ValueError(
@@ -92,16 +93,16 @@ def train_classifier(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / (config.epochs * steps))
     shuffle = torch.Generator().manual_seed(config.seed)
     history = []
-    show_progress = sys.stderr.isatty() if progress is None else progress
+    report = progress_of(config.epochs * n, f"classifier training ({config.epochs} epochs)", "images", enabled=progress)
     classifier.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), report as done:
         torch.manual_seed(config.seed + 1)  # dropout draws from the global generator
         for epoch in range(1, config.epochs + 1):
             started = time.perf_counter()
             order = torch.randperm(n, generator=shuffle).to(device)
             losses = torch.empty(steps, device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
-            for step in tqdm(range(steps), desc=f"classifier epoch {epoch}/{config.epochs}", leave=False, disable=not show_progress):
+            for step in range(steps):
                 index = order[step * config.batch_size : (step + 1) * config.batch_size]
                 logits = classifier(images[index])
                 loss = F.cross_entropy(logits, labels[index])
@@ -111,6 +112,7 @@ def train_classifier(
                 schedule.step()
                 losses[step] = loss.detach()
                 correct += (logits.detach().argmax(1) == labels[index]).sum()
+                done.update(len(index))
             history.append(
                 {"train_loss": losses.mean().item(), "train_accuracy": correct.item() / n, "seconds": time.perf_counter() - started}
             )

@@ -19,16 +19,23 @@ class Progress(Protocol):
 
 
 @contextmanager
-def progress(total: int, description: str, unit: str, *, enabled: bool | None = None) -> Iterator[Progress]:
+def progress(
+    total: int, description: str, unit: str, *, enabled: bool | None = None, unit_scale: bool = False
+) -> Iterator[Progress]:
     """Report a step of ``total`` ``unit`` s while the block runs: a tqdm bar on stderr when that is a terminal,
     otherwise a line on stdout every :data:`LOG_EVERY_SECONDS` ("IWAE bound: 3000/10000 images (30%), 31 s").
 
     ``enabled=False`` reports nothing; ``True`` forces the bar; ``None`` (the default) decides by the terminal.
+    ``unit_scale`` writes counts with SI prefixes, as tqdm's option of that name does: for bytes (``unit="B"``),
+    "12.6MB/47.0MB" rather than "12582912/47040016 B".
     """
     if enabled is None and not sys.stderr.isatty():
-        report: _PeriodicLine | tqdm = _PeriodicLine(total, description, unit)
+        report: _PeriodicLine | tqdm = _PeriodicLine(total, description, unit, unit_scale)
     else:
-        report = tqdm(total=total, desc=description, unit=f" {unit}", leave=False, disable=enabled is False)
+        report = tqdm(
+            total=total, desc=description, unit=unit if unit_scale else f" {unit}", unit_scale=unit_scale,
+            leave=False, disable=enabled is False,
+        )
     try:
         yield report
     finally:
@@ -39,8 +46,8 @@ def progress(total: int, description: str, unit: str, *, enabled: bool | None = 
 class _PeriodicLine:
     """A line on stdout every LOG_EVERY_SECONDS of work: what a log (or Prefect's UI) shows of a long step."""
 
-    def __init__(self, total: int, description: str, unit: str):
-        self.total, self.description, self.unit = total, description, unit
+    def __init__(self, total: int, description: str, unit: str, unit_scale: bool = False):
+        self.total, self.description, self.unit, self.unit_scale = total, description, unit, unit_scale
         self.done, self.started = 0, time.monotonic()
         self.next_line = self.started + LOG_EVERY_SECONDS
 
@@ -49,5 +56,9 @@ class _PeriodicLine:
         now = time.monotonic()
         if now >= self.next_line:
             share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-            print(f"{self.description}: {self.done}/{self.total} {self.unit}{share}, {now - self.started:.0f} s", flush=True)
+            if self.unit_scale:
+                counts = f"{tqdm.format_sizeof(self.done)}{self.unit}/{tqdm.format_sizeof(self.total)}{self.unit}"
+            else:
+                counts = f"{self.done}/{self.total} {self.unit}"
+            print(f"{self.description}: {counts}{share}, {now - self.started:.0f} s", flush=True)
             self.next_line = now + LOG_EVERY_SECONDS

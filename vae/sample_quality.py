@@ -11,6 +11,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from vae.classifier import NUM_CLASSES, Classifier
 from vae.data import ImageSet
 from vae.models import VAE, eval_mode
+from vae.progress import progress as progress_of
 
 
 class ClassifierFeatures(nn.Module):
@@ -47,12 +48,17 @@ def fid_metric(classifier: Classifier, device: torch.device | str | None = None)
     return metric.to(device)
 
 
-def frechet_distance(classifier: Classifier, real: Tensor, generated: Tensor, *, batch_size: int = 500) -> float:
-    """The FID between two sets of images (float [N, C, H, W] in [0, 1]) on the classifier's penultimate features."""
+def frechet_distance(
+    classifier: Classifier, real: Tensor, generated: Tensor, *, batch_size: int = 500, progress: bool | None = None
+) -> float:
+    """The FID between two sets of images (float [N, C, H, W] in [0, 1]) on the classifier's penultimate features.
+
+    ``progress`` as in :func:`vae.progress.progress`, for each set ("FID (real images)", "FID (generated images)").
+    """
     metric = fid_metric(classifier)
     with torch.inference_mode():
-        _update(metric, real, real=True, batch_size=batch_size)
-        _update(metric, generated, real=False, batch_size=batch_size)
+        _update(metric, real, "FID (real images)", real=True, batch_size=batch_size, progress=progress)
+        _update(metric, generated, "FID (generated images)", real=False, batch_size=batch_size, progress=progress)
         return metric.compute().item()
 
 
@@ -65,6 +71,7 @@ def sample_quality(
     samples: int = 10_000,
     batch_size: int = 500,
     seed: int = 0,
+    progress: bool | None = None,
 ) -> dict[str, float]:
     """How real the model's images look to ``classifier``, against the ``reference`` images (float [N, C, H, W] in [0, 1]).
 
@@ -77,6 +84,8 @@ def sample_quality(
     Mean images (not binary or Gaussian draws from them) are what is scored: a draw adds pixel noise that the
     likelihood, not the model's picture of the data, puts there. The classifier is moved to the model's device and
     put in eval mode; the model is evaluated in eval mode and its training flags are restored afterwards.
+    ``progress`` as in :func:`vae.progress.progress`, in images, for each of the three passes of the classifier:
+    "FID (reference images)", "FID (prior samples)", "FID (reconstructions)".
     """
     if samples < 2:
         raise ValueError(f"samples must be at least 2 (a covariance needs two), got {samples}")
@@ -92,25 +101,37 @@ def sample_quality(
     recognised = MulticlassAccuracy(NUM_CLASSES, average="micro", sync_on_compute=False).to(metric.device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(model), torch.inference_mode():
-        _update(metric, reference, real=True, batch_size=batch_size)
-        for start in range(0, samples, batch_size):
-            metric.update(model.sample(min(batch_size, samples - start), generator=generator).to(metric.device), real=False)
+        _update(metric, reference, "FID (reference images)", real=True, batch_size=batch_size, progress=progress)
+        with progress_of(samples, "FID (prior samples)", "images", enabled=progress) as done:
+            for start in range(0, samples, batch_size):
+                count = min(batch_size, samples - start)
+                metric.update(model.sample(count, generator=generator).to(metric.device), real=False)
+                done.update(count)
         fid = metric.compute().item()
         metric.reset()  # the generated features only
         labels: list[Tensor] = []
         # The classifier's head scores the features FID has just computed, instead of running the network again.
         hook = features.register_forward_hook(lambda module, inputs, out: recognised.update(classifier.head(out), labels.pop()))
         try:
-            for start in range(0, len(test), batch_size):
-                labels.append(test.labels[start : start + batch_size].to(metric.device))
-                x = test.batch(slice(start, start + batch_size), generator)
-                metric.update(model.reconstruct(x).to(metric.device), real=False)
+            with progress_of(len(test), "FID (reconstructions)", "images", enabled=progress) as done:
+                for start in range(0, len(test), batch_size):
+                    labels.append(test.labels[start : start + batch_size].to(metric.device))
+                    x = test.batch(slice(start, start + batch_size), generator)
+                    metric.update(model.reconstruct(x).to(metric.device), real=False)
+                    done.update(len(x))
         finally:
             hook.remove()
         reconstruction_fid = metric.compute().item()
     return {"fid": fid, "reconstruction_fid": reconstruction_fid, "reconstruction_accuracy": recognised.compute().item()}
 
 
-def _update(metric: FrechetInceptionDistance, images: Tensor, *, real: bool, batch_size: int) -> None:
-    for start in range(0, len(images), batch_size):
-        metric.update(images[start : start + batch_size].to(metric.device), real=real)
+def _update(
+    metric: FrechetInceptionDistance, images: Tensor, description: str, *, real: bool, batch_size: int,
+    progress: bool | None,
+) -> None:
+    """The features of ``images``, ``batch_size`` at a time, into the metric's real or generated statistics."""
+    with progress_of(len(images), description, "images", enabled=progress) as done:
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            metric.update(batch.to(metric.device), real=real)
+            done.update(len(batch))

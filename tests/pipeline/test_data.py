@@ -469,6 +469,47 @@ def test_a_tampered_mirror_with_credentials_is_warned_about_without_them_when_a_
     ]
 
 
+LONG_LABELS = idx_bytes(np.arange(10_000, dtype=np.uint8) % 10)  # 10,008 bytes: three chunks of 4096 bytes at most
+
+
+def test_without_a_terminal_a_download_reports_its_bytes_chunk_by_chunk_and_a_cached_file_nothing(
+    cache, tmp_path, monkeypatch, progress_at_every_update, capsys
+):
+    publish(monkeypatch, {NAME: LONG_LABELS})
+    mirror = make_mirror(tmp_path / "mirror", {NAME: LONG_LABELS})
+    monkeypatch.setattr(data, "CHUNK_SIZE", 4096)
+
+    fetch("tiny", cache, [mirror])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{NAME} from {mirror}/tiny/{NAME}.gz: {done}/10.0kB ({share}%), 0 s"
+        for done, share in [("4.10kB", 41), ("8.19kB", 82), ("10.0kB", 100)]
+    ]
+    fetch("tiny", cache, [mirror])
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_download_from_a_mirror_url_with_credentials_is_reported_without_them(
+    cache, tmp_path, monkeypatch, serve, progress_at_every_update, capsys
+):
+    publish(monkeypatch, {NAME: LONG_LABELS})
+    make_mirror(tmp_path / "mirror", {NAME: LONG_LABELS})
+    url, _ = serve(files_under(tmp_path / "mirror"))
+    monkeypatch.setattr(data, "CHUNK_SIZE", 8192)
+
+    fetch("tiny", cache, [url.replace("http://", "http://alice:s3cret@")])
+    redacted = url.replace("http://", "http://***@")
+    assert capsys.readouterr().out.splitlines() == [
+        f"{NAME} from {redacted}/tiny/{NAME}.gz: 8.19kB/10.0kB (82%), 0 s",
+        f"{NAME} from {redacted}/tiny/{NAME}.gz: 10.0kB/10.0kB (100%), 0 s",
+    ]
+
+
+def test_a_download_with_progress_false_reports_nothing(cache, tmp_path, monkeypatch, progress_at_every_update, capsys):
+    publish(monkeypatch, {NAME: LONG_LABELS})
+    fetch("tiny", cache, [make_mirror(tmp_path / "mirror", {NAME: LONG_LABELS})], progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_fetch_rejects_an_unknown_data_set(cache):
     with pytest.raises(DataError, match="unknown data set 'nope'; expected one of: mnist, fashion-mnist"):
         fetch("nope", cache, [])

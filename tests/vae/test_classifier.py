@@ -61,6 +61,21 @@ def test_training_learns_an_easy_task_to_every_held_out_image():
     assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
+def test_without_a_terminal_training_reports_its_images_batch_by_batch_over_all_epochs(progress_at_every_update, capsys):
+    images, labels = squares(60)  # batches of 25, 25 and 10 images, twice
+    train_classifier(TINY.model_copy(update={"epochs": 2}), images, labels, device="cpu")
+    assert capsys.readouterr().out.splitlines() == [
+        f"classifier training (2 epochs): {done}/120 images ({share}%), 0 s"
+        for done, share in [(25, 21), (50, 42), (60, 50), (85, 71), (110, 92), (120, 100)]
+    ]
+
+
+def test_training_with_progress_false_reports_nothing(progress_at_every_update, capsys):
+    images, labels = squares(60)
+    train_classifier(TINY.model_copy(update={"epochs": 1}), images, labels, device="cpu", progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
 def test_train_subset_keeps_the_first_images_and_must_not_exceed_them():
     images, labels = squares(200)
     subset, _ = train_classifier(TINY.model_copy(update={"train_subset": 100}), images, labels, device="cpu", progress=False)

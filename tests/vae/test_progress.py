@@ -31,3 +31,21 @@ def test_forced_on_it_draws_a_bar_and_forced_off_it_stays_silent(enabled, capsys
     out, err = capsys.readouterr()
     assert out == ""
     assert ("IWAE bound" in err) is enabled
+
+
+def test_with_unit_scale_the_line_counts_bytes_with_si_prefixes(progress_at_every_update, capsys):
+    with progress(47_040_016, "train-images-idx3-ubyte", "B", unit_scale=True) as done:
+        done.update(12_582_912)
+        done.update(34_457_104)
+    assert capsys.readouterr().out.splitlines() == [
+        "train-images-idx3-ubyte: 12.6MB/47.0MB (27%), 0 s",
+        "train-images-idx3-ubyte: 47.0MB/47.0MB (100%), 0 s",
+    ]
+
+
+def test_with_unit_scale_the_bar_counts_bytes_with_si_prefixes(capsys):
+    with progress(47_040_016, "train-images-idx3-ubyte", "B", enabled=True, unit_scale=True):
+        pass  # the bar is drawn once when it opens
+    err = capsys.readouterr().err  # the bar's width follows $COLUMNS: only what is around it is fixed
+    assert err.startswith("\rtrain-images-idx3-ubyte:   0%|")
+    assert "| 0.00/47.0M [00:00<?, ?B/s]" in err

@@ -123,6 +123,38 @@ def test_sample_quality_refuses_too_few_samples_and_images_of_another_shape():
         sample_quality(model, classifier, reference[:, :, :14, :14], test, samples=10)
 
 
+def test_without_a_terminal_each_pass_of_the_classifier_reports_its_images_batch_by_batch(progress_at_every_update, capsys):
+    model, classifier, reference, test = quality_setup()  # 120 reference images, 90 test images
+    sample_quality(model, classifier, reference, test, samples=100, batch_size=40)
+    assert capsys.readouterr().out.splitlines() == [
+        "FID (reference images): 40/120 images (33%), 0 s",
+        "FID (reference images): 80/120 images (67%), 0 s",
+        "FID (reference images): 120/120 images (100%), 0 s",
+        "FID (prior samples): 40/100 images (40%), 0 s",
+        "FID (prior samples): 80/100 images (80%), 0 s",
+        "FID (prior samples): 100/100 images (100%), 0 s",
+        "FID (reconstructions): 40/90 images (44%), 0 s",
+        "FID (reconstructions): 80/90 images (89%), 0 s",
+        "FID (reconstructions): 90/90 images (100%), 0 s",
+    ]
+
+
+def test_without_a_terminal_the_frechet_distance_reports_each_set_batch_by_batch(progress_at_every_update, capsys):
+    frechet_distance(identity_features(), gaussian(50, seed=1), gaussian(30, seed=2), batch_size=30)
+    assert capsys.readouterr().out.splitlines() == [
+        "FID (real images): 30/50 images (60%), 0 s",
+        "FID (real images): 50/50 images (100%), 0 s",
+        "FID (generated images): 30/30 images (100%), 0 s",
+    ]
+
+
+def test_progress_false_reports_nothing(progress_at_every_update, capsys):
+    model, classifier, reference, test = quality_setup()
+    sample_quality(model, classifier, reference, test, samples=100, batch_size=40, progress=False)
+    frechet_distance(classifier, reference, reference, batch_size=40, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
 # --- the metric means something: on the real data, with a real (quickly trained) classifier -------------------------
 
 
