@@ -15,7 +15,7 @@ import sys
 import traceback
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,12 +237,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         prepared = data.prepare_configured(config.data, files)
     except (ConfigError, RuntimeError, LookupError, data.DataError, ModelFileError) as error:
         return _fail(error, 1)
-    metrics = training.evaluate(loaded.model, prepared.test, config)
-    if config.eval.fid:  # the registered classifier of the run's data set and recipe (trained first if there is none)
-        from pipeline import sample_quality
+    # With --json, stdout holds the one JSON object: what the work prints (progress lines, a classifier trained first)
+    # goes to stderr.
+    with redirect_stdout(sys.stderr) if args.json else nullcontext():
+        metrics = training.evaluate(loaded.model, prepared.test, config)
+        if config.eval.fid:  # the registered classifier of the run's data set and recipe (trained first if there is none)
+            from pipeline import sample_quality
 
-        classifier = sample_quality.ensure_classifier(config.data.dataset, files, config.classifier, device=args.device, lock_dir=config.data.cache_dir)
-        metrics |= sample_quality.score(loaded.model, classifier.classifier, files, prepared.test, config)
+            classifier = sample_quality.ensure_classifier(config.data.dataset, files, config.classifier, device=args.device, lock_dir=config.data.cache_dir)
+            metrics |= sample_quality.score(loaded.model, classifier.classifier, files, prepared.test, config)
     if args.json:
         print(json.dumps({"model": loaded.uri, "run_id": loaded.run_id, "iwae_samples": config.eval.iwae_samples, **metrics}))
     else:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 import flows
 from pipeline import data, tracking
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, free_port, needs_data
+from tests.conftest import PROJECT_ROOT, TINY_CLASSIFIER, free_port, needs_data
 
 pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
 
@@ -164,7 +164,7 @@ def test_a_tampered_data_file_fails_the_run_at_once_with_one_error_block(tmp_pat
 def test_evaluate_generate_promote_and_leaderboard_never_import_prefect(tmp_path):
     small = {
         "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "train.epochs": 1,
-        "train.device": "cpu", "eval.iwae_samples": 2,
+        "train.device": "cpu", "eval.iwae_samples": 2, **TINY_CLASSIFIER,  # evaluate scores FID too, with a quick classifier
     }
     flows.train_flow(load_config("default", small))
     env = pipeline_env(tmp_path)

@@ -302,14 +302,16 @@ def test_resuming_a_run_that_does_not_exist_is_a_clear_error(capsys):
 
 @pytest.mark.timeout(LONG_TEST_SECONDS)
 @needs_data
-def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsys):
+def test_evaluate_generate_and_promote_work_on_registered_models(tmp_path, capsys, progress_at_every_update):
     first = flows.train_flow(small(**{"train.epochs": 3}))
     second = flows.train_flow(small(**{"train.epochs": 1}))
     assert (first.alias, second.alias) == ("champion", "challenger")
     capsys.readouterr()
 
     assert cli.main(["evaluate", "models:/vae-mnist@champion", "--json"]) == 0
-    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    evaluated = json.loads(printed.out)  # stdout is the JSON object alone, for scripts ...
+    assert "IWAE bound (k=" in printed.err  # ... while progress lines (one per update here) go to stderr
     assert evaluated["run_id"] == first.run_id
     assert {name: evaluated[name] for name in first.metrics} == first.metrics  # same weights, data and seed
     assert cli.main(["evaluate", second.run_id, "--iwae-samples", "8"]) == 0
