@@ -138,7 +138,9 @@ def test_a_nan_loss_ends_the_one_mlflow_run_failed_with_the_error_and_registers_
 def test_resuming_with_several_processes_is_refused_before_any_work(prefect_home):
     finished = train_in_processes("torchrun", 2, TINY, prefect_home, "--resume", "0123456789abcdef")
     assert finished.returncode == 1  # torchrun's, when its processes fail
-    assert finished.stderr.count("error: --resume continues a run in one process: launch it without torchrun") == 2
+    # Each process refuses on its own; the first to exit makes torchrun stop the other, which may not have said so yet
+    # on a loaded machine: one or two refusals, and nothing else done (no run, below).
+    assert finished.stderr.count("error: --resume continues a run in one process: launch it without torchrun") in (1, 2)
     finished = train_in_processes("processes", 2, TINY, prefect_home, "--resume", "0123456789abcdef")
     assert finished.returncode == 2
     assert finished.stderr == "error: --resume continues a run in one process: leave out --processes\n"
