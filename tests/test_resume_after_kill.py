@@ -163,20 +163,22 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
     second.read_until(rf"{LINE}epoch 1/4: ")
     second.kill()
 
-    # 3. Resumed again; killed in the middle of its second epoch (epoch 3), half an epoch after the line of epoch 2.
+    # 3. Resumed again; killed half an epoch after the line of epoch 2 (in the middle of epoch 3, on an idle machine).
     third = Flow(command, flow_env, tmp_path / "killed-3.log")
     third.read_until(rf"{LINE}run {run_id} marked KILLED: process {second.pid} on {re.escape(host)} ")
     third.read_until(rf"{LINE}resuming run {run_id} from the checkpoint of epoch 1, checkpoint/checkpoint.pt$")
     seconds = float(third.read_until(rf"{LINE}epoch 2/4: .*, ([0-9.]+) s$").group(1))
     time.sleep(seconds / 2)
     third.kill()
-    assert not any(re.search(rf"{LINE}epoch 3/4", line) for line in third.lines), "the kill came after epoch 3"
+    # On a loaded machine this test may read the line of epoch 2 late, and the kill come after epoch 3 or even 4 (seen
+    # once at a load average of 11): whenever it came, the run resumes from the last checkpoint the killed process logged.
+    logged = max(metric.step for metric in client.get_metric_history(run_id, "train_loss"))
 
     # 4. Resumed once more, to the end.
     printed = Flow(command, flow_env, tmp_path / "resumed.log").finish()
     assert f"run {run_id} marked KILLED: process {third.pid} on {host} " in printed
     resumed_from = int(re.search(rf"{LINE}resuming run {run_id} from the checkpoint of epoch (\d)", printed, re.M).group(1))
-    assert resumed_from in (2, 3)  # 3 only if the kill came after epoch 3's checkpoint reached MLflow
+    assert resumed_from in (logged, logged + 1)  # an epoch's checkpoint is logged before its metrics and its line
 
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "3"
@@ -185,9 +187,5 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
     assert resumed.keys() == uninterrupted.keys()
     assert all([step for step, _ in history] == [step for step, _ in uninterrupted[name]] for name, history in resumed.items())
     assert [step for step, _ in resumed["train_loss"]] == [1, 2, 3, 4]  # every epoch once
-    if resumed != uninterrupted:
-        # Two uninterrupted `flows.py train` processes of one config differ now and then (about 1 in 6 here, against a
-        # Prefect server of their own), already in epoch 1, in one of a few discrete ways: a cause outside the
-        # checkpoint, not yet found (see the notes of issue 8). Until it is, a difference here is reported, not failed.
-        pytest.xfail("the resumed run's numbers differ from the uninterrupted run's (cross-process nondeterminism)")
+    assert resumed == uninterrupted  # bit for bit, every metric of every epoch
     assert_same_tensors(final_checkpoint(client, run_id, tmp_path / "resumed"), final_checkpoint(client, reference, tmp_path / "reference"))
