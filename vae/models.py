@@ -17,6 +17,14 @@ from torch import Tensor, nn
 from vae.config import ModelConfig
 from vae.priors import StandardNormalPrior, build_prior, log_normal, log_standard_normal
 
+# The first call of a process into MKL's vector math (torch.exp, log, tanh... of float tensors on the CPU) computes the
+# second thread's share on a less accurate path in about one process in five when the other core is idle (MKL 2024.2 in
+# torch 2.13's CPU wheel: exactly the second half of 2560 values differ; never with one MKL thread, never after a first
+# call, whatever the function). Training's first step was then not the same in every process, and a run resumed in a
+# new process parted from the uninterrupted one. Spending that first call here, on a throwaway tensor, makes every
+# process compute alike.
+torch.exp(torch.zeros(16))
+
 
 class VAEOutput(NamedTuple):
     """One pass of the model: decoder logits, posterior mean and log-variance, and the sampled latent."""
