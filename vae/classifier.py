@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from vae.config import ClassifierConfig
 from vae.distributed import resolve_device
@@ -122,6 +121,8 @@ def train_classifier(
 def accuracy(classifier: Classifier, images: Tensor, labels: Tensor, *, batch_size: int = 1000) -> float:
     """The share of ``images`` whose most likely class is their label (the classifier's flags are restored)."""
     device = next(classifier.parameters()).device
+    from torchmetrics.classification import MulticlassAccuracy  # here: importing torchmetrics takes most of a second
+
     metric = MulticlassAccuracy(NUM_CLASSES, average="micro", sync_on_compute=False).to(device)
     training = classifier.training
     classifier.eval()

@@ -3,15 +3,18 @@ and the classifier's accuracy on the VAE's reconstructions."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from vae.classifier import NUM_CLASSES, Classifier
 from vae.data import ImageSet
 from vae.models import VAE, eval_mode
 from vae.progress import progress as progress_of
+
+if TYPE_CHECKING:  # imported where used: importing torchmetrics takes most of a second, which runs without FID skip
+    from torchmetrics.image.fid import FrechetInceptionDistance
 
 
 class ClassifierFeatures(nn.Module):
@@ -44,6 +47,8 @@ def fid_metric(classifier: Classifier, device: torch.device | str | None = None)
     device = torch.device(device) if device is not None else next(classifier.parameters()).device
     if device.type == "mps":  # MPS has no float64: the metric (and the small classifier) run on the CPU there
         device = torch.device("cpu")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
     metric = FrechetInceptionDistance(feature=ClassifierFeatures(classifier), reset_real_features=False, sync_on_compute=False)
     return metric.to(device)
 
@@ -98,6 +103,8 @@ def sample_quality(
     test = test.to(device)
     metric = fid_metric(classifier.to(device))
     features = metric.inception
+    from torchmetrics.classification import MulticlassAccuracy
+
     recognised = MulticlassAccuracy(NUM_CLASSES, average="micro", sync_on_compute=False).to(metric.device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with eval_mode(model), torch.inference_mode():
