@@ -29,11 +29,13 @@ import mlflow
 import pandas as pd
 import torch
 from mlflow.entities import RunInfo
-from prefect import flow, serve, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.exceptions import TerminationSignal
 from prefect.futures import PrefectFuture
+from prefect.runner import Runner
 from prefect.schedules import Cron, Schedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -403,6 +405,37 @@ def serve_retraining(config: RunConfig, schedule: Schedule, name: str) -> None:
         tags=["scheduled-retraining", config.data.dataset],
     )
     # Not train_flow.serve(): that pickles the flow into each run's process, where its annotations (RunConfig, under
-    # `from __future__ import annotations`) no longer resolve. prefect.serve starts each run as `python -m
-    # prefect.engine`, which imports this file afresh.
-    serve(retraining, print_starting_message=False)
+    # `from __future__ import annotations`) no longer resolve. A Runner starts each run as `python -m prefect.engine`,
+    # which imports this file afresh.
+    runner = _PausingRunner(f"{train_flow.name}/{name}")
+    runner.add_deployment(retraining)
+    try:
+        asyncio.run(runner.start())
+    except (KeyboardInterrupt, TerminationSignal):
+        pass
+    finally:
+        runner.pause_deployment()  # again after Ctrl-C, where Prefect pauses it too: pausing is idempotent
+
+
+class _PausingRunner(Runner):
+    """A Prefect Runner that pauses its deployment before it stops on SIGTERM: Prefect's own pausing runs while asyncio
+    tears the event loop down, where it was seen to hang until the process was killed, leaving the schedule active."""
+
+    def __init__(self, deployment_name: str) -> None:
+        super().__init__()
+        self.deployment_name = deployment_name
+
+    def pause_deployment(self) -> None:
+        """Pause the deployment's schedule, or warn that it stays active (the server may be gone) and go on stopping."""
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                client.pause_deployment(client.read_deployment_by_name(self.deployment_name).id)
+        except Exception as error:  # noqa: BLE001 - stopping must not fail on it
+            print(redact(f"warning: could not pause the deployment {self.deployment_name} ({error}); its schedule stays "
+                         "active with nothing to run it: pause it in the Prefect UI"), file=sys.stderr)
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        self.pause_deployment()
+        super().handle_sigterm(*args, **kwargs)
