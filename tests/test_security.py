@@ -5,6 +5,7 @@ import asyncio
 import base64
 import gzip
 import http.server
+import itertools
 import json
 import os
 import pickle
@@ -32,6 +33,7 @@ from pipeline.config import load_config
 from tests.conftest import (
     PROJECT_ROOT, Payload, descendants, free_port, is_loopback, listening_sockets, needs_data, running,
 )
+from tests import team_servers
 from vae.export import ModelFileError
 from vae.models import build_model
 
@@ -112,21 +114,39 @@ def test_the_torch_requirement_excludes_the_versions_whose_weights_only_loads_ca
 # --- a tampered model runs no code ------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def champion_on_a_server(mlflow_server, tmp_path) -> tuple[Path, Path]:
-    """A tiny model logged to a real `mlflow server` and registered as models:/vae-mnist@champion.
+@pytest.fixture(scope="module")
+def model_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One real `mlflow server` (SQLite backend, artifacts served by it) for this module's tampered models: starting
+    one takes seconds. Its URL and artifacts destination."""
+    directory = tmp_path_factory.mktemp("model-server")
+    with team_servers.mlflow_server(f"sqlite:///{directory / 'mlflow.db'}", directory) as url:
+        yield url, directory / "artifacts"
 
-    Yields the model's directory in the server's artifact store (what whoever can write to the store can change) and
-    the path of the marker file a payload would create.
+
+NLL_OF_EACH_NEW_CHAMPION = itertools.count(90.0, -1.0)  # each test's model beats the one before, the pipeline's way
+
+
+@pytest.fixture
+def champion_on_a_server(model_server, mlflow_store, monkeypatch, tmp_path) -> tuple[Path, Path]:
+    """A tiny model logged to the module's `mlflow server` and registered as models:/vae-mnist@champion, a version of
+    its own for each test (the previous test's, tampered with, is champion no more).
+
+    Returns the model's directory in the server's artifact store (what whoever can write to the store can change) and
+    the path of the marker file a payload would create. The local default store (``mlflow_store``) is only there to
+    show that nothing goes to it.
     """
-    _, artifacts_destination = mlflow_server
+    url, artifacts_destination = model_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    before = set(artifacts_destination.rglob("MLmodel"))
     config = load_config("default", {"model.hidden_dims": [16], "model.latent_dim": 2})
     with tracking.start_run(config, run_name="to-be-tampered-with") as run:
         uri = registry.log_model(build_model(config.model, seed=0), config.model, torch.rand(4, 1, 28, 28))
-    version = registry.register_version(uri, config, {"test_nll_nats": 90.0}, run.info.run_id)
-    registry.assign_alias(config, {"test_nll_nats": 90.0}, version)
-    (mlmodel,) = artifacts_destination.rglob("MLmodel")
-    yield mlmodel.parent, tmp_path / "payload-ran"
+    metrics = {"test_nll_nats": next(NLL_OF_EACH_NEW_CHAMPION)}
+    version = registry.register_version(uri, config, metrics, run.info.run_id)
+    registry.assign_alias(config, metrics, version)
+    assert MlflowClient().get_model_version_by_alias("vae-mnist", "champion").version == version
+    (mlmodel,) = set(artifacts_destination.rglob("MLmodel")) - before
+    return mlmodel.parent, tmp_path / "payload-ran"
 
 
 def generate(output: Path) -> subprocess.CompletedProcess:
