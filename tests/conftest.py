@@ -19,7 +19,6 @@ from typing import NamedTuple
 import psutil
 import pytest
 
-from vae.launch import listening
 
 # How long a server may take to start: MLflow's UI took 212 s on two cores under a load average of 38.
 SERVER_START_SECONDS = 600.0
@@ -380,6 +379,8 @@ def listening_sockets(pids: Iterable[int]) -> set[tuple[str, int]]:
                 continue
             if link.startswith("socket:["):
                 inodes.add(link[len("socket:[") : -1])
+    from vae.launch import listening  # here: it imports torch, which processes spawned from tests/ need not
+
     return {(address, port) for address, port, inode in listening() if inode in inodes}
 
 

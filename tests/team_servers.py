@@ -1,5 +1,6 @@
 """A team's servers as the README's Operations section starts them: PostgreSQL, and `mlflow server` and `prefect server`
-on databases of it, each in temporary directories on loopback ports; for the tests and for bench/team_load.py."""
+on databases of it, each in temporary directories on loopback ports; for the tests and for bench/team_load.py (and the
+registration writer the tests spawn, which must not import the pipeline)."""
 
 from __future__ import annotations
 
@@ -163,3 +164,13 @@ def prefect_server(database_url: str, directory: Path) -> Iterator[str]:
     command = [executable("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with running(command, ready_url=f"{api_url}/health", log=directory / "prefect-server.log", env=env):
         yield api_url
+
+
+def register_when_all_are_ready(uri: str, model_uri: str, writer: int, barrier) -> None:
+    """In a separate (spawned) process: register a version of "concurrent" the moment all writers are ready. Here, not
+    in the test module, so that each process imports MLflow alone, not the pipeline and torch (seconds each)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    barrier.wait(timeout=300)
+    mlflow.register_model(model_uri, "concurrent", tags={"writer": str(writer)})

@@ -26,6 +26,7 @@ from pipeline.config import load_config
 from tests.conftest import PROJECT_ROOT, free_port, needs_data, required, running
 from tests.team_servers import (
     MLFLOW_SERVER_ENV, PostgreSQLMissing, mlflow_server, mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server,
+    register_when_all_are_ready,
 )
 from vae.config import ModelConfig
 from vae.models import build_model
@@ -91,18 +92,11 @@ def logged_model(tmp_path: Path) -> tuple[str, str]:
 # --- concurrent registration and promotion ------------------------------------------------------------------------------
 
 
-def _register(uri: str, model_uri: str, writer: int, barrier) -> None:
-    """A separate process registering a version of "concurrent" the moment all writers are ready."""
-    mlflow.set_tracking_uri(uri)
-    barrier.wait(timeout=300)
-    mlflow.register_model(model_uri, "concurrent", tags={"writer": str(writer)})
-
-
 def test_concurrent_registrations_from_separate_processes_get_distinct_consecutive_versions(store, tmp_path):
     model_uri, _ = logged_model(tmp_path)
     spawn = multiprocessing.get_context("spawn")
     barrier = spawn.Barrier(REGISTRATIONS)
-    writers = [spawn.Process(target=_register, args=(store, model_uri, writer, barrier)) for writer in range(REGISTRATIONS)]
+    writers = [spawn.Process(target=register_when_all_are_ready, args=(store, model_uri, writer, barrier)) for writer in range(REGISTRATIONS)]
     for process in writers:
         process.start()
     for process in writers:
