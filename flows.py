@@ -414,15 +414,16 @@ def serve_retraining(config: RunConfig, schedule: Schedule, name: str) -> None:
     except (KeyboardInterrupt, TerminationSignal):
         pass
     finally:
-        runner.pause_deployment()  # again after Ctrl-C, where Prefect pauses it too: pausing is idempotent
+        runner.pause_deployment()  # after Ctrl-C (and again after SIGTERM: pausing is idempotent)
 
 
 class _PausingRunner(Runner):
-    """A Prefect Runner that pauses its deployment before it stops on SIGTERM: Prefect's own pausing runs while asyncio
-    tears the event loop down, where it was seen to hang until the process was killed, leaving the schedule active."""
+    """A Prefect Runner that pauses its deployment itself, before it stops on SIGTERM, instead of Prefect's own pausing:
+    that runs while asyncio tears the event loop down, where it was seen to hang until the process was killed, leaving
+    the schedule active."""
 
     def __init__(self, deployment_name: str) -> None:
-        super().__init__()
+        super().__init__(pause_on_shutdown=False)
         self.deployment_name = deployment_name
 
     def pause_deployment(self) -> None:

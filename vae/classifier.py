@@ -120,9 +120,9 @@ def train_classifier(
 
 def accuracy(classifier: Classifier, images: Tensor, labels: Tensor, *, batch_size: int = 1000) -> float:
     """The share of ``images`` whose most likely class is their label (the classifier's flags are restored)."""
-    device = next(classifier.parameters()).device
     from torchmetrics.classification import MulticlassAccuracy  # here: importing torchmetrics takes most of a second
 
+    device = next(classifier.parameters()).device
     metric = MulticlassAccuracy(NUM_CLASSES, average="micro", sync_on_compute=False).to(device)
     training = classifier.training
     classifier.eval()

@@ -13,7 +13,7 @@ from vae.data import ImageSet
 from vae.models import VAE, eval_mode
 from vae.progress import progress as progress_of
 
-if TYPE_CHECKING:  # imported where used: importing torchmetrics takes most of a second, which runs without FID skip
+if TYPE_CHECKING:  # imported where used: importing torchmetrics takes most of a second, which runs without FID spare
     from torchmetrics.image.fid import FrechetInceptionDistance
 
 
