@@ -11,6 +11,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+# Imported before any group is joined: this module takes the group of the moment as the default of its functions'
+# group argument when it is first imported (torch 2.13; torch._dynamo imports it, and the first optimizer step imports
+# torch._dynamo), and so would keep the group, and its Gloo threads, alive past destroy_process_group until interpreter
+# exit, where their teardown now and then aborted a process that had finished its work (SIGABRT).
+import torch.distributed.nn.functional
 from torch import Tensor
 
 from vae import launch

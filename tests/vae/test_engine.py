@@ -469,15 +469,16 @@ def in_process_group(rank: int, world_size: int, store_port: int, work, director
         work(rank, directory)
 
 
-def run_in_two_processes(work, directory: Path, timeout: float = 600.0) -> dict[int, dict]:
-    """What ``work`` saved in each of two processes; fails the test if they are not done after ``timeout`` seconds.
+def run_in_two_processes(work, directory: Path, timeout: float = 600.0, *, target=in_process_group) -> dict[int, dict]:
+    """What ``work`` saved in each of two processes (each running ``target``, by default :func:`in_process_group`);
+    fails the test if they are not done after ``timeout`` seconds.
 
     The test hosts the group's rendezvous store on a port the system picks as it binds it, so that no other process
     can take the port between choosing and binding it.
     """
     store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     context = torch.multiprocessing.start_processes(
-        in_process_group, args=(2, store.port, work, directory), nprocs=2, join=False, start_method="spawn"
+        target, args=(2, store.port, work, directory), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + timeout
     while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
@@ -635,6 +636,27 @@ def fit_with_a_nan_on_rank_0(rank: int, directory: Path) -> None:
 def test_a_nan_loss_on_one_process_stops_every_process_at_the_same_step(tmp_path):
     ranks = run_in_two_processes(fit_with_a_nan_on_rank_0, tmp_path)
     assert (ranks[0]["stopped"], ranks[1]["stopped"]) == ((2, 1), (2, 1))
+
+
+def in_process_group_then_list_threads(rank: int, world_size: int, store_port: int, work, directory: Path) -> None:
+    """:func:`in_process_group`, then save the names of the threads the process has left once the group's block ended."""
+    in_process_group(rank, world_size, store_port, work, directory)
+    threads = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    torch.save({"threads": threads}, directory / f"rank{rank}.pt")
+
+
+def fit_one_epoch(rank: int, directory: Path) -> None:
+    fit(build_model(MODEL, seed=3), ODD_TRAIN, VALIDATION, MONTE_CARLO, train_config(epochs=1), progress=False)
+
+
+def test_a_process_group_is_gone_when_its_block_ends_and_leaves_no_gloo_thread_to_interpreter_exit(tmp_path):
+    # torch.distributed.nn.functional takes the group as the default of its functions' group argument when it is first
+    # imported (torch 2.13; the first optimizer step imports it, through torch._dynamo) and so keeps the group alive
+    # past destroy_process_group. Its Gloo threads were then torn down at interpreter exit, where a process that had
+    # finished its work now and then died with SIGABRT ("terminate called without an active exception").
+    ranks = run_in_two_processes(fit_one_epoch, tmp_path, target=in_process_group_then_list_threads)
+    for rank in (0, 1):
+        assert [name for name in ranks[rank]["threads"] if "gloo" in name] == []
 
 
 def fit_hierarchical_and_save(rank: int, directory: Path) -> None:
