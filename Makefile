@@ -1,7 +1,8 @@
 # make run: set up .venv and run the main job; make test: set up .venv and the browser, and run the tests.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; on a CUDA machine use e.g. `make TORCH=torch run`.
+# torch 2.13: the CPU build where pip finds that wheel on the machine (as on CI), else PyPI's (CUDA on Linux);
+# `make TORCH=<requirement> run` installs another.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 

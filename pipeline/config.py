@@ -122,8 +122,9 @@ class RunConfig(BaseModel):
         return model_name(self)
 
 
-# Each preset reproduces one of the seed tutorials (network, data, binarization, likelihood, optimizer, batch, z);
-# "default" is the main job: the pytorch/examples network on dynamically binarized MNIST, scored by the IWAE bound.
+# "default" is the main job: the pytorch/examples network on dynamically binarized MNIST, scored by the IWAE bound. Five
+# presets reproduce the seed tutorials (network, data, binarization, likelihood, optimizer, batch, z), and
+# "hvae-vampprior" is the literature-grade model.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
         "data": {"dataset": "mnist", "binarization": "dynamic", "validation_size": 10_000},
@@ -179,10 +180,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "tutorial": {"metric": "matlab_test_elbo_loss"},
     },
     # Literature grade (issue 9): the VampPrior paper's two-stochastic-layer HVAE (gated MLPs of 300 units, z1 = z2 =
-    # 40, 500 pseudo-inputs; Tomczak and Welling 2018) on dynamically binarized MNIST, trained in at most 60 minutes on
-    # two CPU cores: bf16 matrix products, large batches, torch.compile and a cosine learning rate compressed into the
-    # budget; 58k training images (a 2k validation set only watches). BENCHMARKS.md has its NLL at k = 5000 and the
-    # search that chose it.
+    # 40, 500 pseudo-inputs; Tomczak and Welling 2018) on dynamically binarized MNIST, made for two CPU cores: bf16
+    # matrix products, large batches, torch.compile and a cosine learning rate over all its epochs; 58k training
+    # images (a 2k validation set only watches). Its length is provisional: BENCHMARKS.md ("Literature-grade preset")
+    # has what it has reached and in how long.
     "hvae-vampprior": {
         "data": {"dataset": "mnist", "binarization": "dynamic", "validation_size": 2_000},
         "model": {

@@ -139,7 +139,8 @@ class TrainConfig(_Settings):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_warmup_epochs: float = Field(0.0, ge=0, le=MAX_EPOCHS)
     lr_final_fraction: float = Field(0.0, ge=0, le=1)
-    # Stop at the end of the first epoch that ends this many minutes of training after the start (None: no limit).
+    # Stop before an epoch that, at the mean epoch's length so far, would end past this many minutes of training
+    # (None: no limit).
     max_minutes: float | None = Field(None, gt=0, le=MAX_TRAINING_MINUTES)
 
     @model_validator(mode="after")
