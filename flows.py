@@ -135,7 +135,7 @@ def tracked_training(
             if resume_run_id is not None:  # without a whole checkpoint (killed in its first epoch) it starts over
                 checkpoint = tracking.download_checkpoint(resume_run_id, Path(scratch)) or checkpoint
             report = training.EpochReport(extra=tutorials.figure_names(config))
-            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint), report]
+            callbacks = [tracking.MLflowCallback(checkpoint_path=checkpoint, samples=config.pictures.samples), report]
             model, state = train_model(
                 config, prepared, callbacks=callbacks, checkpoint_path=checkpoint, resume=resume_run_id is not None
             )
@@ -144,7 +144,7 @@ def tracked_training(
             classifier = get_classifier(config.data.dataset, files, config.classifier, device=config.train.device, lock_dir=config.data.cache_dir)
             mlflow.set_tag(sample_quality.CLASSIFIER_TAG, classifier.uri)
             metrics |= score_samples(model, classifier.classifier, files, prepared.test, config)
-        log_evaluation(model, prepared.test, prepared.class_names, metrics)
+        log_evaluation(model, prepared.test, prepared.class_names, metrics, config.pictures)
         model_uri = version = decision = None
         if model_step in ("log", "register"):
             model_uri = log_model(model, config.model, prepared.test.pixels[:4])

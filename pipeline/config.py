@@ -15,6 +15,8 @@ from vae.config import ClassifierConfig, EvalConfig, ModelConfig, ObjectiveConfi
 TRAIN_IMAGES = 60_000  # both data sets
 MAX_PROMOTION_MARGIN_NATS = 1e6
 TEST_IMAGES = 10_000
+MAX_GRID_PICTURES = 400  # a 20x20 grid
+MAX_MANIFOLD_SIZE = 50
 LOCAL_WORKERS = 2  # `flows.py sweep`: processes of the local Dask cluster, one trial at a time each
 DEFAULT_RETRAINING_CRON = "0 3 * * 1"  # `flows.py serve`: Mondays at 03:00
 
@@ -72,6 +74,19 @@ class TutorialConfig(BaseModel):
     metric: TutorialMetric = "none"
 
 
+class PicturesConfig(BaseModel):
+    """How many pictures a run's images hold, sized per preset to what its tutorial shows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Decoded from the same prior draws after every epoch, in the most nearly square grid: 16 is a 4x4 grid.
+    samples: int = Field(16, gt=0, le=MAX_GRID_PICTURES)
+    # The n of the n x n grid of z in [-2, 2]^2 that a 2-D latent's manifold (latent_manifold.png) decodes.
+    manifold_size: int = Field(15, ge=2, le=MAX_MANIFOLD_SIZE)
+    # Above 0: also the first N test images above their N reconstructions (first_reconstructions.png).
+    first_reconstructions: int = Field(0, ge=0, le=MAX_GRID_PICTURES)
+
+
 class RunConfig(BaseModel):
     """Everything a run needs; built from a preset plus overrides and checked before any work starts."""
 
@@ -86,6 +101,7 @@ class RunConfig(BaseModel):
     classifier: ClassifierConfig = ClassifierConfig()  # the recipe of the data set's classifier, which FID uses
     registry: RegistryConfig = RegistryConfig()
     tutorial: TutorialConfig = TutorialConfig()
+    pictures: PicturesConfig = PicturesConfig()
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
@@ -137,6 +153,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": {"architecture": "mlp", "hidden_dims": [128], "latent_dim": 10, "init": "glorot_uniform"},
         "train": {"optimizer": "adam", "learning_rate": 1e-3, "epsilon": 1e-7, "batch_size": 512, "epochs": 100, "seed": 22},
         "tutorial": {"metric": "tf_loss"},
+        # It shows a 10x10 grid of samples, and the first 50 test images above their 50 reconstructions (here: the
+        # samples after every epoch, the reconstructions after the last).
+        "pictures": {"samples": 100, "first_reconstructions": 50},
     },
     "vae-tutorial-mlp": {  # B: "Tutorial on VAEs" MLP on MNIST (TensorFlow 1 and PyTorch)
         # The old TF loader's 55k training images (5k held out) in full batches of 64: 859 steps an epoch, so 117
@@ -155,6 +174,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "train": {"optimizer": "keras_rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
         "tutorial": {"metric": "keras_loss"},
+        "pictures": {"manifold_size": 10},  # its 10x10 manifold over [-2, 2]^2
     },
     "tf-cvae-mnist": {  # D: TensorFlow 2 CVAE tutorial on threshold-binarized MNIST, Monte Carlo KL
         "data": {"dataset": "mnist", "binarization": "threshold", "validation_size": 0},
@@ -178,6 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "objective": {"likelihood": "gaussian", "gaussian_std": 1.0},
         "train": {"optimizer": "adam", "learning_rate": 1e-3, "batch_size": 512, "epochs": 50, "shuffle": False, "drop_last": True},
         "tutorial": {"metric": "matlab_test_elbo_loss"},
+        "pictures": {"samples": 25},  # its grid of 25 images decoded from random latents
     },
     # Literature grade (issue 9): the VampPrior paper's two-stochastic-layer HVAE (gated MLPs of 300 units, z1 = z2 =
     # 40, 500 pseudo-inputs; Tomczak and Welling 2018) on dynamically binarized MNIST, made for two CPU cores: bf16

@@ -140,6 +140,26 @@ def reconstructions(
     return _render(reconstructions_figure(model, data, class_names, per_class, seed))
 
 
+def first_reconstructions(model: nn.Module, data: ImageSet, n: int, *, padding: int = 2, scale: int = 2) -> Image.Image:
+    """The first ``n`` images of ``data`` above their ``n`` reconstructions, as one grid (TensorFlow's Fashion-MNIST
+    VAE tutorial shows 50 and 50, a 10x10 grid).
+
+    The grid has the columns of the most nearly square grid for 2n pictures; the originals fill the top rows and the
+    reconstructions the bottom ones in the same order, so that an original and its reconstruction share a column;
+    a half's last row is padded with empty cells. The reconstruction is the decoder's mean image at the posterior mean.
+    """
+    if not 0 < n <= len(data):
+        raise ValueError(f"n must be between 1 and the {len(data)} images of the set, got n={n}")
+    originals = data.pixels[:n].float().cpu()
+    with eval_mode(model), torch.no_grad():
+        rebuilt = torch.cat([_decode_from(model, batch) for batch in data.pixels[:n].split(ENCODE_BATCH_SIZE)])
+    _, cols = grid_shape(2 * n)
+    rows = math.ceil(n / cols)
+    cells = torch.cat([_as_grid_cells(originals, rows, cols), _as_grid_cells(rebuilt, rows, cols)])
+    picture = _tile(cells, padding).repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return _to_pil(picture)
+
+
 def reconstructions_figure(
     model: nn.Module, data: ImageSet, class_names: Sequence[str] | None = None, per_class: int = 2, seed: int = 0
 ) -> Figure:

@@ -37,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 from torch import nn
 
 from pipeline import pictures
-from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, RunConfig, experiment_name, validate
+from pipeline.config import TEST_IMAGE_FIELDS, ConfigError, PicturesConfig, RunConfig, experiment_name, validate
 from pipeline.data import DATASETS, PreparedData
 from pipeline.redaction import redact
 from vae.data import ImageSet
@@ -47,7 +47,6 @@ from vae.engine import Callback, TrainingState
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # whose git commit a run records
 MLRUNS_DIR = PROJECT_ROOT / "mlruns"  # the default store: mlflow.db and artifacts/ in here
 ERROR_TAG_CHARS = 500  # the "error" tag holds the start of the message; error.txt holds the traceback
-SAMPLES = 16  # decoded from the same z after every epoch: a 4x4 grid
 CONFIG_ARTIFACT = "config.json"  # the resolved config, from which a run is evaluated or resumed
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the latest epoch's checkpoint
 # The same checkpoint, uploaded just before it: an upload is not atomic, and whenever a kill or a power cut tears one of
@@ -535,7 +534,7 @@ class MLflowCallback(Callback):
     on becomes the "device" tag.
     """
 
-    def __init__(self, *, checkpoint_path: Path | None = None, samples: int = SAMPLES, seed: int = 0):
+    def __init__(self, *, checkpoint_path: Path | None = None, samples: int = PicturesConfig().samples, seed: int = 0):
         self.checkpoint_path, self.samples, self.seed = checkpoint_path, samples, seed
         self.frames: list[tuple[int, Image.Image]] = []
 
@@ -609,15 +608,23 @@ def _logged_frames(run_id: str, last_epoch: int) -> list[tuple[int, Image.Image]
 
 
 def log_evaluation(
-    model: nn.Module, test: ImageSet, class_names: Sequence[str] | None, metrics: Mapping[str, float]
+    model: nn.Module,
+    test: ImageSet,
+    class_names: Sequence[str] | None,
+    metrics: Mapping[str, float],
+    sizes: PicturesConfig = PicturesConfig(),
 ) -> None:
     """The test metrics (every entry of ``metrics``: test_elbo_nats, test_nll_nats, ...) and the pictures of the
-    trained model: reconstructions.png, latent_space.png and, for a 2-D latent, latent_manifold.png."""
+    trained model: reconstructions.png, latent_space.png, for a 2-D latent latent_manifold.png, and, when ``sizes``
+    asks for them, first_reconstructions.png."""
     mlflow.log_metrics({name: float(value) for name, value in metrics.items()})
     mlflow.log_image(pictures.reconstructions(model, test, class_names), artifact_file="reconstructions.png")
+    if sizes.first_reconstructions:
+        first = pictures.first_reconstructions(model, test, min(sizes.first_reconstructions, len(test)))
+        mlflow.log_image(first, artifact_file="first_reconstructions.png")
     mlflow.log_image(pictures.latent_scatter(model, test, class_names), artifact_file="latent_space.png")
     if model.latent_dim == 2:
-        mlflow.log_image(pictures.latent_manifold(model), artifact_file="latent_manifold.png")
+        mlflow.log_image(pictures.latent_manifold(model, n=sizes.manifold_size), artifact_file="latent_manifold.png")
 
 
 LOCAL_UI = "http://127.0.0.1:5000"  # where `flows.py ui` serves a local store by default

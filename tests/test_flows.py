@@ -197,6 +197,8 @@ def test_every_preset_runs_one_epoch_through_the_command_line_and_logs_its_tutor
     assert "registered      models:/vae-" in printed
     (run,) = MlflowClient().search_runs([tracking.experiment(PRESETS[preset]["data"]["dataset"])], filter_string=f"params.preset = '{preset}'")
     assert run.info.status == "FINISHED" and json.loads(run.data.params["model.hidden_dims"]) == list(config.model.hidden_dims)
+    pictures = {info.path for info in MlflowClient().list_artifacts(run.info.run_id)}
+    assert ("first_reconstructions.png" in pictures) == (config.pictures.first_reconstructions > 0)
     for name in tutorials.figure_names(config):  # in the tutorial's unit, at step 1, beside the nats
         assert [m.step for m in MlflowClient().get_metric_history(run.info.run_id, name)] == [1], name
         assert f"  {name} " in printed

@@ -56,6 +56,17 @@ def test_tutorial_presets_take_their_tutorials_images_steps_per_epoch_and_length
     assert (config.train.shuffle, config.train.epochs, config.model.padding_convention) == (shuffle, epochs, padding)
 
 
+def test_each_preset_sizes_its_pictures_as_its_tutorial_shows_them():
+    sizes = {preset: load_config(preset).pictures for preset in PRESETS}
+    # (samples, manifold n, first reconstructions): A a 10x10 sample grid and 50 test images above their 50
+    # reconstructions, B and D a 4x4 grid, C a 10x10 manifold, E a grid of 25
+    assert {preset: (p.samples, p.manifold_size, p.first_reconstructions) for preset, p in sizes.items()} == {
+        "default": (16, 15, 0), "tf-fashion-mlp": (100, 15, 50), "vae-tutorial-mlp": (16, 15, 0),
+        "keras-conv-fashion": (16, 10, 0), "tf-cvae-mnist": (16, 15, 0), "matlab-conv-mnist": (25, 15, 0),
+        "hvae-vampprior": (16, 15, 0),
+    }
+
+
 def test_tensorflow_and_keras_presets_use_keras_epsilon_and_the_others_their_frameworks_default():
     epsilons = {preset: load_config(preset).train.epsilon for preset in PRESETS}
     assert epsilons == {
@@ -77,7 +88,7 @@ def test_dropping_the_last_batch_with_fewer_images_than_a_batch_is_refused_befor
         load_config("matlab-conv-mnist", {"data.train_subset": 256})
 
 
-@pytest.mark.parametrize(("field", "value"), [("tutorial.metric", "keras"), ("data.training_images", "test"), ("model.padding_convention", "keras"), ("train.epsilon", 0), ("train.optimizer", "sgd")])
+@pytest.mark.parametrize(("field", "value"), [("pictures.samples", 0), ("pictures.manifold_size", 1), ("tutorial.metric", "keras"), ("data.training_images", "test"), ("model.padding_convention", "keras"), ("train.epsilon", 0), ("train.optimizer", "sgd")])
 def test_new_tutorial_settings_reject_bad_values_by_name(field, value):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config("default", {field: value})

@@ -14,6 +14,7 @@ from pipeline.pictures import (
     PAD_VALUE,
     animated_gif,
     class_examples,
+    first_reconstructions,
     fixed_latents,
     grid_shape,
     image_grid,
@@ -270,6 +271,35 @@ def test_reconstructions_give_a_row_only_to_the_classes_present():
     assert panel.shape == (3 * 30 + 2, 2 * 62 + 8)
     np.testing.assert_array_equal(panel[2:30, 72:100], np.full((28, 28), PAD_VALUE))  # no second image: grey
     assert tick_labels(figure.axes[0].get_yticklabels()) == list(CLASS_NAMES[:3])
+
+
+def test_first_reconstructions_put_the_first_n_images_above_their_reconstructions_column_by_column():
+    model, data = tiny_model(2), images()
+    with torch.no_grad():
+        rebuilt = torch.sigmoid(model.decode(model.encode(data.pixels[:7])[0]))
+    grid = pixels(first_reconstructions(model, data, 7, padding=1, scale=1))
+    # 14 pictures: 4 columns; 7 originals take 2 rows (one cell grey), then 2 rows of reconstructions
+    assert grid.shape == (4 * 29 + 1, 4 * 29 + 1)
+    for k in range(7):
+        row, column = divmod(k, 4)
+        top, left = 1 + 29 * row, 1 + 29 * column
+        expected_original = (data.pixels[k, 0] * 255).round().numpy()
+        expected_rebuilt = (rebuilt[k, 0] * 255).round().numpy()
+        np.testing.assert_array_equal(grid[top : top + 28, left : left + 28], expected_original)
+        np.testing.assert_allclose(grid[top + 58 : top + 86, left : left + 28], expected_rebuilt, atol=1)
+    np.testing.assert_array_equal(grid[30:58, 88:116], np.full((28, 28), GREY))  # after the 7th original
+    np.testing.assert_array_equal(grid[88:116, 88:116], np.full((28, 28), GREY))  # after the 7th reconstruction
+
+
+def test_first_reconstructions_of_fifty_images_are_a_ten_by_ten_grid_as_the_tensorflow_tutorial_shows():
+    grid = first_reconstructions(tiny_model(2), images(), 50, padding=2, scale=1)
+    assert grid.size == (10 * 30 + 2, 10 * 30 + 2)
+
+
+@pytest.mark.parametrize("n", [0, 51])
+def test_first_reconstructions_need_between_one_and_all_the_images(n):
+    with pytest.raises(ValueError, match=f"n must be between 1 and the 50 images of the set, got n={n}"):
+        first_reconstructions(tiny_model(2), images(), n)
 
 
 # --- latent space --------------------------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ def train_and_log(config: RunConfig, metrics: dict[str, float] | None = None) ->
     with start_run(config, run_name="tiny") as run:
         log_dataset(prepared, config)
         fit(model, prepared.train, prepared.validation, config.objective, config.train,
-            callbacks=[MLflowCallback()], progress=False)
-        log_evaluation(model, prepared.test, prepared.class_names, metrics or {})
+            callbacks=[MLflowCallback(samples=config.pictures.samples)], progress=False)
+        log_evaluation(model, prepared.test, prepared.class_names, metrics or {}, config.pictures)
     return run.info.run_id
 
 
@@ -202,7 +202,7 @@ def test_flat_params_hold_the_whole_config_as_dotted_strings():
     assert params["train.grad_clip_norm"] == "None"
     assert params["train.compile"] == "False"
     assert params["data.cache_dir"] == "None"
-    sections = {"data", "model", "objective", "train", "eval", "classifier", "registry", "tutorial"}
+    sections = {"data", "model", "objective", "train", "eval", "classifier", "registry", "tutorial", "pictures"}
     fields = {f"{s}.{f}" for s in sections for f in type(getattr(load_config("default"), s)).model_fields}
     assert set(params) == fields | {"preset"}
 
@@ -355,6 +355,26 @@ def test_a_larger_latent_gets_no_manifold_and_leaves_the_working_directory_clean
     run_id = train_and_log(tiny_config(latent_dim=5))
     files = [path for path in artifact_paths(MlflowClient(), run_id) if not path.startswith("images/")]
     assert files == ["config.json", "latent_space.png", "loss_curves.png", "reconstructions.png", "samples/samples.gif"]
+
+
+def test_the_pictures_settings_size_the_sample_grid_and_the_manifold_and_add_the_first_reconstructions(store, tmp_path):
+    sizes = {"pictures.samples": 9, "pictures.manifold_size": 4, "pictures.first_reconstructions": 8}
+    config = tiny_config(latent_dim=2, **sizes)
+    run_id = train_and_log(config)
+    client = MlflowClient()
+    files = artifact_paths(client, run_id)
+    assert "first_reconstructions.png" in files
+
+    def size(path: str) -> tuple[int, int]:
+        with Image.open(client.download_artifacts(run_id, path, str(tmp_path))) as image:
+            return image.size
+
+    grid = next(path for path in files if path.startswith("images/samples+step+2+") and path.endswith(".png"))
+    assert size(grid) == (((28 + 2) * 3 + 2) * 2,) * 2  # 9 samples: 3x3 cells of 28 pixels, 2 of padding, twice enlarged
+    # 8 originals above 8 reconstructions: 16 pictures in 4 columns, 2 rows each
+    assert size("first_reconstructions.png") == (((28 + 2) * 4 + 2) * 2,) * 2
+    assert size("latent_manifold.png") == tracking.pictures.latent_manifold(build_model(config.model, seed=0), n=4).size
+    assert size("latent_manifold.png") != tracking.pictures.latent_manifold(build_model(config.model, seed=0)).size
 
 
 def test_ui_addresses_open_the_runs_view_of_an_experiment_or_a_run():
