@@ -172,6 +172,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "conv_dense_dim": 16, "decoder_start_channels": 64, "decoder_channels": [64, 32], "init": "glorot_uniform",
             "padding_convention": "tensorflow",
         },
+        # Its KL term is tf.reduce_mean over the batch and the 2 latent dimensions: the KL enters its loss at weight 1/2.
+        "objective": {"beta": 0.5},
         "train": {"optimizer": "keras_rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
         "tutorial": {"metric": "keras_loss"},
         "pictures": {"manifold_size": 10},  # its 10x10 manifold over [-2, 2]^2

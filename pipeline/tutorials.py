@@ -40,6 +40,16 @@ def epoch_mean_of_batch_means(batch_means: Tensor, prefix: str) -> dict[str, flo
     return {f"{prefix}_loss": loss, f"{prefix}_reconstruction_loss": reconstruction, f"{prefix}_kl_loss": kl}
 
 
+def keras_figures(batch_means: Tensor, latent_dim: int) -> dict[str, float]:
+    """What the Keras example's progress bar prints at the end of an epoch: the epoch's mean of the steps' batch means
+    (each batch counting once) of its reconstruction loss (binary cross-entropy summed per image) and of its KL term,
+    which ``tf.reduce_mean`` averages over the latent dimensions as well as over the batch, so it is the KL divided by
+    ``latent_dim``; ``keras_loss`` is their sum."""
+    _, reconstruction, kl = batch_means.double().mean(0).tolist()
+    kl_term = kl / latent_dim
+    return {"keras_loss": reconstruction + kl_term, "keras_reconstruction_loss": reconstruction, "keras_kl_loss": kl_term}
+
+
 def tf_test_elbo(model, test: ImageSet, *, seed: int) -> float:
     """The TF CVAE tutorial's "Test set ELBO": per image log p(x|z) + log p(z) - log q(z|x) at one z ~ q(z|x), with a
     Bernoulli p(x|z) on the logits, averaged over the test set (higher is better, in nats)."""
@@ -68,7 +78,7 @@ def epoch_figures(metric: TutorialMetric, state: TrainingState, test: ImageSet, 
     if metric == "tutorial_loss":
         return {"tutorial_loss": epoch_mean_of_batch_means(state.batch_means, "tutorial")["tutorial_loss"]}
     if metric == "keras_loss":
-        return epoch_mean_of_batch_means(state.batch_means, "keras")
+        return keras_figures(state.batch_means, state.model.latent_dim)
     if metric == "tf_test_elbo":
         return {"tf_test_elbo": tf_test_elbo(state.model, test, seed=seed)}
     if metric == "matlab_test_elbo_loss":

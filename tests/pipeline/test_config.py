@@ -56,6 +56,12 @@ def test_tutorial_presets_take_their_tutorials_images_steps_per_epoch_and_length
     assert (config.train.shuffle, config.train.epochs, config.model.padding_convention) == (shuffle, epochs, padding)
 
 
+def test_the_keras_preset_weighs_its_kl_by_one_over_its_latent_dimensions_as_the_examples_mean_over_them_does():
+    config = load_config("keras-conv-fashion")
+    assert (config.objective.beta, config.model.latent_dim) == (0.5, 2)
+    assert {preset for preset in PRESETS if load_config(preset).objective.beta != 1.0} == {"keras-conv-fashion"}
+
+
 def test_each_preset_sizes_its_pictures_as_its_tutorial_shows_them():
     sizes = {preset: load_config(preset).pictures for preset in PRESETS}
     # (samples, manifold n, first reconstructions): A a 10x10 sample grid and 50 test images above their 50

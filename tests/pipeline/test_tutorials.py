@@ -68,8 +68,14 @@ def test_matlab_test_elbo_loss_is_half_the_squared_error_plus_the_analytic_kl_wi
 
 def test_keras_figures_are_the_epochs_mean_of_batch_means_each_batch_counting_once():
     means = torch.tensor([[300.0, 296.0, 4.0], [200.0, 197.0, 3.0], [10.0, 8.0, 2.0]])  # the last a small batch
-    assert tutorials.epoch_mean_of_batch_means(means, "keras") == {
-        "keras_loss": 170.0, "keras_reconstruction_loss": 167.0, "keras_kl_loss": 3.0,
+    assert tutorials.epoch_mean_of_batch_means(means, "tf") == {"tf_loss": 170.0, "tf_reconstruction_loss": 167.0, "tf_kl_loss": 3.0}
+
+
+def test_keras_figures_take_the_kls_mean_over_the_latent_dimensions_as_the_examples_reduce_mean_does():
+    means = torch.tensor([[300.0, 296.0, 4.0], [200.0, 197.0, 3.0], [10.0, 8.0, 2.0]])  # loss, reconstruction, KL
+    # kl_loss = -0.5 * tf.reduce_mean(1 + z_log_var - z_mean**2 - exp(z_log_var)) over [batch, 2]: the KL / 2
+    assert tutorials.keras_figures(means, latent_dim=2) == {
+        "keras_loss": 168.5, "keras_reconstruction_loss": 167.0, "keras_kl_loss": 1.5,
     }
 
 
@@ -81,9 +87,11 @@ def test_a_run_logs_its_tutorials_batch_figures_or_test_figure_in_every_epochs_m
         config = load_config(preset)
         model = build_model(TINY, seed=0)
         callback = tutorials.TutorialFigures(config.tutorial.metric, test, seed=3)
-        state = fit(model, train, None, config.objective, settings, callbacks=[callback], progress=False)
+        # the KL's weight as the Keras example's mean over the latent dimensions gives it (1/2 in the preset's 2-D latent)
+        objective = config.objective.model_copy(update={"beta": 1 / TINY.latent_dim}) if preset == "keras-conv-fashion" else config.objective
+        state = fit(model, train, None, objective, settings, callbacks=[callback], progress=False)
         assert all(set(tutorials.figure_names(config)) <= set(entry) for entry in state.history)
-        if preset == "keras-conv-fashion":  # Keras' printed loss: the mean of the three batch losses
+        if preset == "keras-conv-fashion":  # Keras' printed loss: the mean of the three batch losses it trained on
             assert [entry["keras_loss"] for entry in state.history] == pytest.approx([entry["train_loss"] for entry in state.history])
         else:
             assert state.history[-1]["matlab_test_elbo_loss"] == pytest.approx(tutorials.matlab_test_elbo_loss(model, test, seed=3))
