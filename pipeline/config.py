@@ -174,7 +174,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         # Its KL term is tf.reduce_mean over the batch and the 2 latent dimensions: the KL enters its loss at weight 1/2.
         "objective": {"beta": 0.5},
-        "train": {"optimizer": "keras_rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
+        # RMSprop as the example's TF 2 Keras computes it, epsilon added to the root (Keras 3 puts it inside the root,
+        # "keras_rmsprop"): its epoch-1 loss is within 2% of the example's with this update and 3% below with Keras 3's.
+        "train": {"optimizer": "rmsprop", "learning_rate": 1e-3, "batch_size": 64, "epochs": 100},
         "tutorial": {"metric": "keras_loss"},
         "pictures": {"manifold_size": 10},  # its 10x10 manifold over [-2, 2]^2
     },

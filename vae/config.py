@@ -119,8 +119,8 @@ class ObjectiveConfig(_Settings):
 class TrainConfig(_Settings):
     """The optimizer and the loop: how long, how fast, where, and when to stop."""
 
-    # "rmsprop" is PyTorch's update (epsilon added to the root) with Keras' rho and epsilon; "keras_rmsprop" is Keras'
-    # own update, epsilon inside the root: w -= lr * g / sqrt(v + epsilon).
+    # "rmsprop" is PyTorch's update (epsilon added to the root) with Keras' rho and epsilon, which is also TF 2's Keras
+    # RMSprop without momentum; "keras_rmsprop" is Keras 3's update, epsilon inside the root: w -= lr * g / sqrt(v + epsilon).
     optimizer: Literal["adam", "rmsprop", "keras_rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)  # no upper bound: a diverging rate is a legitimate (failing) experiment
     epsilon: float | None = Field(None, gt=0, le=1.0)  # None: the optimizer's own (Adam 1e-8, both RMSprops Keras' 1e-7)

@@ -1,4 +1,4 @@
-"""Optimizers whose update differs from PyTorch's own: RMSprop as Keras computes it."""
+"""Optimizers whose update differs from PyTorch's own: RMSprop as Keras 3 computes it."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 class KerasRMSprop(torch.optim.Optimizer):
-    """RMSprop with Keras' update, which puts epsilon inside the square root (PyTorch adds it to the root):
+    """RMSprop with Keras 3's update, which puts epsilon inside the square root (PyTorch, and TF 2's Keras, add it to
+    the root):
 
     v <- rho * v + (1 - rho) * g^2;  w <- w - lr * g / sqrt(v + epsilon),  v starting at 0.
 

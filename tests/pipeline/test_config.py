@@ -26,7 +26,7 @@ def test_default_config_is_the_pytorch_examples_mlp_on_dynamically_binarized_mni
     [
         ("tf-fashion-mlp", "fashion-mnist", "none", "mlp", 10, "adam", 1e-3, 512, "bernoulli", "analytic"),
         ("vae-tutorial-mlp", "mnist", "none", "mlp", 100, "adam", 1e-3, 64, "bernoulli", "analytic"),
-        ("keras-conv-fashion", "fashion-mnist", "none", "conv", 2, "keras_rmsprop", 1e-3, 64, "bernoulli", "analytic"),
+        ("keras-conv-fashion", "fashion-mnist", "none", "conv", 2, "rmsprop", 1e-3, 64, "bernoulli", "analytic"),
         ("tf-cvae-mnist", "mnist", "threshold", "conv", 50, "adam", 1e-4, 100, "bernoulli", "monte_carlo"),
         ("matlab-conv-mnist", "mnist", "none", "conv", 20, "adam", 1e-3, 512, "gaussian", "analytic"),
     ],
