@@ -150,14 +150,13 @@ def first_reconstructions(model: nn.Module, data: ImageSet, n: int, *, padding: 
     """
     if not 0 < n <= len(data):
         raise ValueError(f"n must be between 1 and the {len(data)} images of the set, got n={n}")
-    originals = data.pixels[:n].float().cpu()
+    originals = data.pixels[:n]
     with eval_mode(model), torch.no_grad():
-        rebuilt = torch.cat([_decode_from(model, batch) for batch in data.pixels[:n].split(ENCODE_BATCH_SIZE)])
+        rebuilt = torch.cat([_decode_from(model, batch) for batch in originals.split(ENCODE_BATCH_SIZE)])
     _, cols = grid_shape(2 * n)
     rows = math.ceil(n / cols)
-    cells = torch.cat([_as_grid_cells(originals, rows, cols), _as_grid_cells(rebuilt, rows, cols)])
-    picture = _tile(cells, padding).repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-    return _to_pil(picture)
+    halves = [_as_grid_cells(half, rows, cols).flatten(0, 1) for half in (originals, rebuilt)]  # each padded to full rows
+    return image_grid(torch.cat(halves), 2 * rows, cols, padding=padding, scale=scale)
 
 
 def reconstructions_figure(
