@@ -342,22 +342,24 @@ def _stop_group(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
-    """`mlflow server` on a free loopback port, its backend and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
+def mlflow_server(
+    tmp_path: Path, mlflow_template: Path, mlflow_store: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, Path]]:
+    """`mlflow server` on a free loopback port, its backend (a copy of the session's template store: a new one would
+    be migrated first, seconds of its start-up) and artifacts in ``tmp_path``, made MLFLOW_TRACKING_URI.
 
     Yields its URL and its artifacts destination. The local default store (``mlflow_store``) is only there to show
     that nothing goes to it.
     """
-    command = lambda port: [  # noqa: E731
-        str(Path(sys.executable).parent / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "server" / "artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    (tmp_path / "server").mkdir()
-    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
+    from tests.team_servers import MLFLOW_SERVER_ENV, mlflow_server_command
+
+    directory = tmp_path / "server"
+    directory.mkdir()
+    shutil.copy(mlflow_template, directory / "mlflow.db")
+    command = lambda port: mlflow_server_command(f"sqlite:///{directory / 'mlflow.db'}", directory / "artifacts", port)  # noqa: E731
+    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log", env=MLFLOW_SERVER_ENV) as server:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
-        yield server.url, tmp_path / "server" / "artifacts"
+        yield server.url, directory / "artifacts"
 
 
 # --- what listens where ---------------------------------------------------------------------------------------------

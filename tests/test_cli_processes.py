@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -174,8 +175,9 @@ def test_evaluate_generate_promote_and_leaderboard_never_import_prefect(tmp_path
         ["promote", "vae-mnist", "1", "--reason", "checked by hand"],
         ["leaderboard", "vae-mnist"],
     ]
-    for command in commands:
-        finished = run_cli(command, env, python_options=("-X", "importtime"))
+    with ThreadPoolExecutor(len(commands)) as pool:  # at once: each spends most of its time importing, on one core
+        finished_commands = list(pool.map(lambda command: run_cli(command, env, python_options=("-X", "importtime")), commands))
+    for command, finished in zip(commands, finished_commands):
         assert finished.returncode == 0, finished.stderr[-3000:]
         imported = {line.split("|")[2].strip() for line in finished.stderr.splitlines() if line.startswith("import time:")}
         assert "torch" in imported  # the import log is complete: it holds what the command does use

@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import threading
@@ -115,10 +116,11 @@ def test_the_torch_requirement_excludes_the_versions_whose_weights_only_loads_ca
 
 
 @pytest.fixture(scope="module")
-def model_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """One real `mlflow server` (SQLite backend, artifacts served by it) for this module's tampered models: starting
-    one takes seconds. Its URL and artifacts destination."""
+def model_server(tmp_path_factory, mlflow_template) -> Iterator[tuple[str, Path]]:
+    """One real `mlflow server` (on a copy of the session's template store, artifacts served by it) for this module's
+    tampered models: starting one takes seconds. Its URL and artifacts destination."""
     directory = tmp_path_factory.mktemp("model-server")
+    shutil.copy(mlflow_template, directory / "mlflow.db")
     with team_servers.mlflow_server(f"sqlite:///{directory / 'mlflow.db'}", directory) as url:
         yield url, directory / "artifacts"
 

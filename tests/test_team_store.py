@@ -25,8 +25,8 @@ from pipeline import registry
 from pipeline.config import load_config
 from tests.conftest import PROJECT_ROOT, free_port, needs_data, required, running
 from tests.team_servers import (
-    MLFLOW_SERVER_ENV, PostgreSQLMissing, mlflow_server, mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server,
-    register_when_all_are_ready,
+    MLFLOW_SERVER_ENV, MLFLOW_TEMPLATE, PREFECT_TEMPLATE, PostgreSQLMissing, create_migrated_templates, mlflow_server,
+    mlflow_server_command, postgresql_bindir, postgresql_cluster, prefect_server, register_when_all_are_ready,
 )
 from vae.config import ModelConfig
 from vae.models import build_model
@@ -38,9 +38,10 @@ REGISTRATIONS = 8  # concurrent writers of one registered model
 
 
 @pytest.fixture(scope="session")
-def postgresql():
-    """One PostgreSQL cluster for the session; tests take a database each. Without PostgreSQL installed the tests that
-    need it skip saying how to install it, except in CI, which installs it (`make test`) and so must run them."""
+def postgresql(tmp_path_factory):
+    """One PostgreSQL cluster for the session, with MLflow's and Prefect's migrated template databases; tests take a
+    database each. Without PostgreSQL installed the tests that need it skip saying how to install it, except in CI,
+    which installs it (`make test`) and so must run them."""
     try:
         postgresql_bindir()
     except PostgreSQLMissing as missing:
@@ -48,6 +49,7 @@ def postgresql():
             pytest.fail(f"CI (or VAE_REQUIRE_POSTGRESQL) requires the PostgreSQL tests: {missing}")
         pytest.skip(str(missing))
     with postgresql_cluster() as cluster:
+        create_migrated_templates(cluster, tmp_path_factory.mktemp("templates"))
         yield cluster
 
 
@@ -58,7 +60,7 @@ def database_name(purpose: str) -> str:
 @pytest.fixture
 def postgresql_tracking_server(postgresql, tmp_path) -> Iterator[str]:
     """`mlflow server` on a new PostgreSQL database, artifacts in ``tmp_path``; its URL."""
-    with mlflow_server(postgresql.url(postgresql.create_database(database_name("mlflow"))), tmp_path / "mlflow") as url:
+    with mlflow_server(postgresql.url(postgresql.create_database(database_name("mlflow"), MLFLOW_TEMPLATE)), tmp_path / "mlflow") as url:
         yield url
 
 
@@ -165,6 +167,7 @@ def test_the_champion_is_the_best_version_when_a_flow_that_decided_before_anothe
 @needs_data
 def test_eight_concurrent_training_flows_on_postgresql_lose_nothing_and_leave_the_best_version_champion(postgresql, tmp_path):
     flows, epochs = 8, team_load.SMALL_FLOW["train.epochs"]
+    # A new team's setup: both servers start on new databases, which they migrate first (other tests copy templates).
     tracking_db, prefect_db = postgresql.create_database(database_name("mlflow")), postgresql.create_database(database_name("prefect"))
     with mlflow_server(postgresql.url(tracking_db), tmp_path / "mlflow") as tracking_uri, \
             prefect_server(postgresql.url(prefect_db, "postgresql+asyncpg"), tmp_path / "prefect") as api_url:
@@ -182,8 +185,8 @@ def test_eight_concurrent_training_flows_on_postgresql_lose_nothing_and_leave_th
 
 # --- the tracking server dies in the middle of a run ------------------------------------------------------------------
 
-# Three epochs of 75 steps of a small network: the flow is stopped (SIGSTOP) right after epoch 1's line, the server
-# killed, and the flow let go, so that the server is gone while epoch 2 trains whatever the epochs' length.
+# Three epochs of 75 steps of a small network: the flow is stopped (SIGSTOP) right after an epoch's line, the server
+# killed, and the flow let go, so that the server is gone while the next epoch trains whatever the epochs' length.
 LONG_EPOCHS = team_load.SMALL_FLOW | {"data.train_subset": 1_500, "train.batch_size": 20, "train.epochs": 3}
 FLOW_TIMEOUT_SECONDS = 900
 
@@ -193,7 +196,8 @@ def restartable(postgresql, tmp_path):
     """The command of an `mlflow server` on a new PostgreSQL database and a fixed free port, to start, kill and start
     again on the same port and database; its URL."""
     port = free_port()
-    command = mlflow_server_command(postgresql.url(postgresql.create_database(database_name("mlflow"))), tmp_path / "artifacts", port)
+    database = postgresql.create_database(database_name("mlflow"), MLFLOW_TEMPLATE)
+    command = mlflow_server_command(postgresql.url(database), tmp_path / "artifacts", port)
     return command, f"http://127.0.0.1:{port}"
 
 
@@ -204,7 +208,7 @@ def server_running(command, url, log: Path):
 @pytest.fixture(scope="module")
 def team_prefect_server(postgresql, tmp_path_factory) -> Iterator[str]:
     """`prefect server start` on a PostgreSQL database, for the flows of this module's tests; its API URL."""
-    database = postgresql.url(postgresql.create_database(database_name("prefect")), "postgresql+asyncpg")
+    database = postgresql.url(postgresql.create_database(database_name("prefect"), PREFECT_TEMPLATE), "postgresql+asyncpg")
     with prefect_server(database, tmp_path_factory.mktemp("prefect")) as api_url:
         yield api_url
 
@@ -291,19 +295,22 @@ def epoch_values(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int,
 
 
 @needs_data
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_run_whose_tracking_server_dies_and_restarts_on_the_same_port_and_database_continues_and_finishes_complete(
-    restartable, flow, tmp_path, how
+def test_a_run_whose_tracking_server_dies_twice_and_restarts_on_the_same_port_and_database_continues_and_finishes_complete(
+    restartable, flow, tmp_path
 ):
     command, url = restartable
-    with server_running(command, url, tmp_path / "server-1.log") as server:
-        training = flow(settings(LONG_EPOCHS), url, tmp_path / "flow.log")
-        training.pause_after("epoch 1/3")  # epoch 1 is logged; epoch 2 is training
-        os.killpg(server.pid, how)  # the whole server: its uvicorn process and anything it started
-        server.wait(timeout=120)
-    training.resume()
-    time.sleep(2)  # the flow's next request finds nothing listening, and its client starts retrying
-    with server_running(command, url, tmp_path / "server-2.log"):
+    training = None
+    # Stopped (SIGTERM) while epoch 2 trains, killed (SIGKILL) while epoch 3 trains: the whole server each time, its
+    # uvicorn process and anything it started; each time started again on its port and database.
+    for death, (after_line, how) in enumerate([("epoch 1/3", signal.SIGTERM), ("epoch 2/3", signal.SIGKILL)], start=1):
+        with server_running(command, url, tmp_path / f"server-{death}.log") as server:
+            training = training or flow(settings(LONG_EPOCHS), url, tmp_path / "flow.log")
+            training.pause_after(after_line)  # that epoch is logged; the next one is training
+            os.killpg(server.pid, how)
+            server.wait(timeout=120)
+        training.resume()
+        time.sleep(2)  # the flow's next request finds nothing listening, and its client starts retrying
+    with server_running(command, url, tmp_path / "server-3.log"):
         assert training.finished() == 0, training.output[-3000:]
         client = MlflowClient(url)
         (run,) = client.search_runs([client.get_experiment_by_name("vae-mnist").experiment_id])
@@ -343,9 +350,10 @@ def test_a_run_whose_tracking_server_stays_down_fails_clearly_registers_nothing_
         logged_steps = [metric.step for metric in client.get_metric_history(run_id, "train_elbo_nats")]
         assert logged_steps == [1]  # the server died while epoch 2 trained
 
+        # The resumed run and an uninterrupted one, at the same time (each on one thread): they train alike.
         resumed = flow(["--resume", run_id], url, tmp_path / "resume.log")
-        assert resumed.finished() == 0, resumed.output[-3000:]
         uninterrupted = flow(settings(LONG_EPOCHS), url, tmp_path / "uninterrupted.log")
+        assert resumed.finished() == 0, resumed.output[-3000:]
         assert uninterrupted.finished() == 0, uninterrupted.output[-3000:]
 
         (reference,) = [run for run in client.search_runs([client.get_run(run_id).info.experiment_id]) if run.info.run_id != run_id]
@@ -354,5 +362,6 @@ def test_a_run_whose_tracking_server_stays_down_fails_clearly_registers_nothing_
         assert epoch_values(client, run_id) == epoch_values(client, reference.info.run_id)
         test_metrics = {name: run.data.metrics[name] for name in team_load.TEST_METRICS}
         assert test_metrics == {name: reference.data.metrics[name] for name in team_load.TEST_METRICS}
-        versions = registry.versions_of(client, "vae-mnist")
-        assert sorted((str(v.version), v.run_id) for v in versions) == [("1", run_id), ("2", reference.info.run_id)]
+        versions = registry.versions_of(client, "vae-mnist")  # numbered in the order the two registered
+        assert sorted(str(v.version) for v in versions) == ["1", "2"]
+        assert sorted(v.run_id for v in versions) == sorted([run_id, reference.info.run_id])

@@ -36,6 +36,7 @@ from pipeline.tracking import (
     start_run,
 )
 from tests.conftest import LONG_TEST_SECONDS, serving
+from tests.team_servers import MLFLOW_SERVER_ENV
 from vae.engine import fit
 from vae.models import build_model
 
@@ -486,7 +487,7 @@ def test_runs_logging_the_same_dataset_through_an_mlflow_server_at_the_same_mome
         "--default-artifact-root", (tmp_path / "server-artifacts").as_uri(),
         "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
     ]
-    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log") as server:
+    with serving(command, ready_path="/health", log=tmp_path / "mlflow-server.log", env=MLFLOW_SERVER_ENV) as server:
         collisions = log_at_once_while_the_write_lock_is_held(server.url, database, ROUNDS)
     assert collisions > 0
 
