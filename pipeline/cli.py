@@ -348,6 +348,9 @@ def _ui(args: argparse.Namespace) -> int:
     print(f"MLflow UI on {address} over {redact(uri)} (Ctrl-C stops it); the runs of each experiment:", flush=True)
     for name, experiment_id in tracking.experiments().items():
         print(f"  {name:<20} {tracking.ui_url(experiment_id, tracking_uri=uri, ui=address)}", flush=True)
+    # The UI needs none of MLflow's server-side jobs (GenAI scoring, trace archival), which would otherwise start a job
+    # runner and six worker processes of about 240 MB each; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true keeps them.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(command[0], command)
 
 

@@ -14,13 +14,14 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 
 import flows
 from pipeline import data, tracking
 from pipeline.config import load_config
-from tests.conftest import PROJECT_ROOT, TINY_CLASSIFIER, free_port, needs_data
+from tests.conftest import PROJECT_ROOT, TINY_CLASSIFIER, descendants, free_port, needs_data, running
 
 pytestmark = [needs_data, pytest.mark.usefixtures("mlflow_store")]
 
@@ -109,6 +110,17 @@ def test_a_training_run_killed_with_sigkill_leaves_no_process_behind(moment, tmp
         process.kill()
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_ui_starts_mlflows_server_without_its_job_runner(mlflow_store, tmp_path):
+    """MLflow's server-side jobs (GenAI scoring, trace archival) serve nothing the pipeline logs; their runner and its
+    six worker processes (about 240 MB each) would start with every UI, launched as the server starts."""
+    port = free_port()
+    command = [sys.executable, "flows.py", "ui", "--port", str(port)]
+    with running(command, ready_url=f"http://127.0.0.1:{port}/health", log=tmp_path / "ui.log", env=pipeline_env(tmp_path)) as ui:
+        command_lines = [" ".join(psutil.Process(pid).cmdline()) for pid in descendants(ui.pid)]
+    assert any("-m uvicorn" in line for line in command_lines), command_lines  # the server that answered
+    assert [line for line in command_lines if "mlflow.server.jobs" in line or "huey" in line] == []
 
 
 def test_an_offline_training_run_logs_nothing_about_telemetry(tmp_path):
