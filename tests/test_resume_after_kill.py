@@ -137,8 +137,8 @@ def assert_same_tensors(a, b, where: str = "") -> None:
 def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bit_for_bit_as_an_uninterrupted_one(
     flow_env, tmp_path
 ):
-    # The uninterrupted run trains beside the interrupted one, from start to end (the same results at any speed).
     uninterrupted = Flow([sys.executable, "flows.py", *TRAIN], flow_env, tmp_path / "uninterrupted.log")
+    reference = ANNOUNCED.search(uninterrupted.finish()).group(1)
 
     # 1. Killed right after it printed its run id and resume command, before any epoch: no checkpoint yet.
     first = Flow([sys.executable, "flows.py", *TRAIN], flow_env, tmp_path / "killed-1.log")
@@ -176,7 +176,6 @@ def test_a_run_killed_three_times_and_resumed_each_time_in_a_new_process_ends_bi
 
     # 4. Resumed once more, to the end.
     printed = Flow(command, flow_env, tmp_path / "resumed.log").finish()
-    reference = ANNOUNCED.search(uninterrupted.finish()).group(1)
     assert f"run {run_id} marked KILLED: process {third.pid} on {host} " in printed
     resumed_from = int(re.search(rf"{LINE}resuming run {run_id} from the checkpoint of epoch (\d)", printed, re.M).group(1))
     assert resumed_from in (logged, logged + 1)  # an epoch's checkpoint is logged before its metrics and its line
