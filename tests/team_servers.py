@@ -58,7 +58,7 @@ class PostgreSQL:
         ``template``, and return its name."""
         import psycopg2
 
-        for identifier in (name, template) if template else (name,):
+        for identifier in filter(None, (name, template)):
             if not identifier.replace("_", "").isalnum():
                 raise ValueError(f"database name {identifier!r}: use letters, digits and _ only")
         connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password, dbname="postgres")

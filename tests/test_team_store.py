@@ -59,7 +59,8 @@ def database_name(purpose: str) -> str:
 
 @pytest.fixture
 def postgresql_tracking_server(postgresql, tmp_path) -> Iterator[str]:
-    """`mlflow server` on a new PostgreSQL database, artifacts in ``tmp_path``; its URL."""
+    """`mlflow server` on a new PostgreSQL database (a copy of the migrated template), artifacts in ``tmp_path``; its
+    URL."""
     with mlflow_server(postgresql.url(postgresql.create_database(database_name("mlflow"), MLFLOW_TEMPLATE)), tmp_path / "mlflow") as url:
         yield url
 
@@ -193,8 +194,8 @@ FLOW_TIMEOUT_SECONDS = 900
 
 @pytest.fixture
 def restartable(postgresql, tmp_path):
-    """The command of an `mlflow server` on a new PostgreSQL database and a fixed free port, to start, kill and start
-    again on the same port and database; its URL."""
+    """The command of an `mlflow server` on a new PostgreSQL database (a copy of the migrated template) and a fixed
+    free port, to start, kill and start again on the same port and database; its URL."""
     port = free_port()
     database = postgresql.create_database(database_name("mlflow"), MLFLOW_TEMPLATE)
     command = mlflow_server_command(postgresql.url(database), tmp_path / "artifacts", port)

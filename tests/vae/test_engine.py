@@ -117,16 +117,16 @@ def test_a_resumed_run_trains_with_the_thread_count_it_was_trained_with_and_ends
     checkpoint = tmp_path / "checkpoint.pt"
     with pytest.raises(KeyboardInterrupt):
         fit_full_size(checkpoint_path=checkpoint, callbacks=[Interrupt()])
-    class ThreadCount(Callback):
-        seen: list[int] = []
+    thread_counts = []
 
+    class ThreadCount(Callback):
         def on_epoch_end(self, state):
-            self.seen.append(torch.get_num_threads())
+            thread_counts.append(torch.get_num_threads())
 
     threads(1)  # the process that resumes would split the sums otherwise
     with caplog.at_level("WARNING", logger="vae.engine"):
         resumed, state = fit_full_size(checkpoint_path=tmp_path / "resumed.pt", resume_from=checkpoint, callbacks=[ThreadCount()])
-    assert ThreadCount.seen == [2]  # epoch 2 trained on the checkpoint's threads (on some CPUs 1 and 2 agree bit for bit)
+    assert thread_counts == [2]  # epoch 2 trained on the checkpoint's threads (on some CPUs 1 and 2 agree bit for bit)
     assert_same_parameters(resumed, uninterrupted)
     assert state.history == full.history
     assert caplog.messages == [
