@@ -69,8 +69,8 @@ promote_model = task(registry.assign_alias, name="promote", cache_policy=NO_CACH
 
 @dataclass(frozen=True)
 class TrainingOutcome:
-    """What a training run produced: where its MLflow run is, its test metrics, its logged model and the registry
-    decision, and how long it trained (training passes and validations)."""
+    """What a training run produced: where its MLflow run is, its test metrics and the validation ELBO of the model it
+    returned, its logged model and the registry decision, and how long it trained (training passes and validations)."""
 
     run_id: str
     experiment_id: str
@@ -84,6 +84,7 @@ class TrainingOutcome:
     model_uri: str | None = None  # None when the model was not logged
     tutorial_figures: dict[str, float] | None = None  # the last epoch's figures in the tutorial's unit, if any
     training_minutes: float = 0.0
+    validation_elbo_nats: float | None = None  # None without a validation set
 
 
 @flow(name="train-vae", log_prints=True)
@@ -164,6 +165,7 @@ def tracked_training(
         model_uri=model_uri,
         tutorial_figures={name: state.history[-1][name] for name in tutorials.figure_names(config) if state.history and name in state.history[-1]},
         training_minutes=state.training_minutes,
+        validation_elbo_nats=state.final_val_elbo_nats,
     )
 
 
@@ -357,7 +359,10 @@ def _trial_results(
         runs = mlflow.MlflowClient().search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
         nested = {run.data.tags.get("sweep.trial"): run.info.run_id for run in runs}
     return [
-        sweep.TrialResult(trial, outcome.run_id, outcome.metrics, outcome.model_uri, training_minutes=outcome.training_minutes)
+        sweep.TrialResult(
+            trial, outcome.run_id, outcome.metrics, outcome.model_uri,
+            training_minutes=outcome.training_minutes, validation_elbo_nats=outcome.validation_elbo_nats,
+        )
         if isinstance(outcome, TrainingOutcome)
         else sweep.TrialResult(trial, nested.get(str(trial.number)), error=_error_text(outcome))
         for trial, outcome in zip(trials, outcomes)

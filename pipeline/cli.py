@@ -469,8 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="train a grid (or a random sample) of configs in parallel on Dask, nested under one MLflow run; register the best",
         description="Train every combination of the --grid values over the base config (--preset, --config, --set) as "
         "Prefect tasks on Dask, each trial an MLflow run nested under the sweep's run. The leaderboard goes to the "
-        "sweep's run as leaderboard.csv and to Prefect as a table artifact; the best trial is registered and competes "
-        "for champion. A failing trial is a failed row and does not stop the others.",
+        "sweep's run as leaderboard.csv and to Prefect as a table artifact, best first by the validation ELBO (by the "
+        "test metric without a validation set); the best trial is registered and competes for champion. A failing trial "
+        "is a failed row and does not stop the others.",
     )
     sweeps.add_argument("--grid", action="append", required=True, metavar="SECTION.FIELD=V1,V2,...", help="a swept field and its values, read as JSON when they parse, e.g. --grid model.latent_dim=2,10,20 or --grid model.hidden_dims=[400],[512,256] (repeatable: the trials are every combination)")
     sweeps.add_argument("--samples", type=int, metavar="N", help="train N distinct combinations drawn at random instead of all of them")

@@ -17,9 +17,10 @@ from pipeline.registry import primary_metric
 
 FINISHED = "finished"
 FAILED = "failed"
+VALIDATION_METRIC = "val_elbo_nats"
 LEADERBOARD_METRICS = ("test_elbo_nats", "test_nll_nats")
 
-# Trials are ranked on one test score and the best competes in its family's registry: the fields that decide what the
+# Trials are ranked on one score and the best competes in its family's registry: the fields that decide what the
 # score measures (pipeline.config.SCORE_FIELDS) are the same for every trial. Two more are the sweep's own business.
 SWEEP_SETTINGS = {
     "registry": "only the best trial is registered: set registry.* for the whole sweep with --set",
@@ -51,8 +52,8 @@ class Trial:
 
 @dataclass(frozen=True)
 class TrialResult:
-    """What became of one trial: its MLflow run (None if it never started one), its test metrics, its logged model,
-    or the error that stopped it."""
+    """What became of one trial: its MLflow run (None if it never started one), its test metrics, the validation ELBO
+    of the model it returned (None without a validation set), its logged model, or the error that stopped it."""
 
     trial: Trial
     run_id: str | None
@@ -60,6 +61,7 @@ class TrialResult:
     model_uri: str | None = None
     error: str | None = None
     training_minutes: float | None = None  # training passes and validations
+    validation_elbo_nats: float | None = None
 
     @property
     def status(self) -> str:
@@ -119,16 +121,21 @@ def trials(
 
 
 def leaderboard(results: Sequence[TrialResult]) -> pd.DataFrame:
-    """One row per trial, best first by the primary metric (:func:`pipeline.registry.primary_metric`: the test NLL when
-    measured, lower is better, else the test ELBO, higher is better), failed trials last in trial order.
+    """One row per trial, best first, failed trials last in trial order.
 
-    Columns: trial, run_id, status ("finished" or "failed"), each swept field, test_elbo_nats, test_nll_nats (when
-    any trial measured it), training_minutes (when any trial reports it) and error (the failed trials' error, empty
-    for the others).
+    Trials are ranked by the validation ELBO (higher is better) when every finished trial has one: choosing among
+    trials by their test scores would make the chosen one's test score an optimistic estimate. Without a validation
+    set they are ranked by the primary test metric (:func:`pipeline.registry.primary_metric`: the test NLL when
+    measured, lower is better, else the test ELBO, higher is better).
+
+    Columns: trial, run_id, status ("finished" or "failed"), each swept field, val_elbo_nats (when any trial has it),
+    test_elbo_nats, test_nll_nats (when any trial measured it), training_minutes (when any trial reports it) and
+    error (the failed trials' error, empty for the others).
     """
     fields = list(dict.fromkeys(name for result in results for name in result.trial.values))
     metrics = [name for name in LEADERBOARD_METRICS if any(name in result.metrics for result in results)]
     metrics = metrics or ["test_elbo_nats"]
+    validated = [VALIDATION_METRIC] if any(result.validation_elbo_nats is not None for result in results) else []
     timed = ["training_minutes"] if any(result.training_minutes is not None for result in results) else []
     rows = [
         {
@@ -136,16 +143,19 @@ def leaderboard(results: Sequence[TrialResult]) -> pd.DataFrame:
             "run_id": result.run_id,
             "status": result.status,
             **{name: result.trial.values.get(name) for name in fields},
+            **{name: math.nan if result.validation_elbo_nats is None else result.validation_elbo_nats for name in validated},
             **{name: float(result.metrics.get(name, math.nan)) for name in metrics},
             **{name: math.nan if result.training_minutes is None else result.training_minutes for name in timed},
             "error": result.error,
         }
         for result in results
     ]
-    board = pd.DataFrame(rows, columns=["trial", "run_id", "status", *fields, *metrics, *timed, "error"])
+    board = pd.DataFrame(rows, columns=["trial", "run_id", "status", *fields, *validated, *metrics, *timed, "error"])
     board = board.sort_values("trial", kind="stable")
     finished = [result for result in results if result.status == FINISHED]
-    if finished:
+    if finished and all(_finite(result.validation_elbo_nats) for result in finished):
+        board = board.sort_values(VALIDATION_METRIC, ascending=False, na_position="last", kind="stable")
+    elif finished:
         metric, _, lower_is_better = primary_metric(finished[0].metrics)
         board = board.sort_values(metric, ascending=lower_is_better, na_position="last", kind="stable")
     board = board.sort_values("status", key=lambda status: status.eq(FAILED), kind="stable")
@@ -158,6 +168,10 @@ def best(results: Sequence[TrialResult]) -> TrialResult | None:
     if board.empty or board.at[0, "status"] == FAILED:
         return None
     return next(result for result in results if result.trial.number == board.at[0, "trial"])
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
 
 
 def _check_field(name: str, values: Sequence[Any]) -> None:

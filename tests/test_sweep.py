@@ -15,9 +15,12 @@ def trial(number, **values):
     return sweep.Trial(number, {name.replace("__", "."): value for name, value in values.items()}, BASE)
 
 
-def finished(number, elbo, nll=None, minutes=None, **values):
+def finished(number, elbo, nll=None, minutes=None, validation=None, **values):
     metrics = {"test_elbo_nats": elbo, **({} if nll is None else {"test_nll_nats": nll})}
-    return sweep.TrialResult(trial(number, **values), f"run{number}", metrics, f"models:/m-{number}", training_minutes=minutes)
+    return sweep.TrialResult(
+        trial(number, **values), f"run{number}", metrics, f"models:/m-{number}", training_minutes=minutes,
+        validation_elbo_nats=validation,
+    )
 
 
 def failed(number, error="NonFiniteLossError: non-finite loss (nan) at epoch 1, step 2", run_id="auto", **values):
@@ -167,6 +170,28 @@ def test_the_leaderboard_ranks_by_nll_lowest_first_with_failed_trials_last_in_tr
     assert board[["test_elbo_nats", "test_nll_nats"]].iloc[3:].isna().all().all()
     assert board["error"].fillna("").tolist() == ["", "", "", "NonFiniteLossError: non-finite loss (nan) at epoch 1, step 2", "RuntimeError: boom"]
     assert sweep.best(results) is results[4]
+
+
+def test_with_a_validation_elbo_for_every_finished_trial_the_leaderboard_ranks_by_it_whatever_the_test_scores_say():
+    results = [
+        finished(1, -100.0, 95.0, validation=-104.0, model__latent_dim=2),
+        failed(2, model__latent_dim=10),
+        finished(3, -110.0, 104.0, validation=-101.5, model__latent_dim=20),
+        finished(4, -105.0, 99.0, validation=-103.0, model__latent_dim=50),
+    ]
+    board = sweep.leaderboard(results)
+    assert list(board.columns) == ["trial", "run_id", "status", "model.latent_dim", "val_elbo_nats", "test_elbo_nats", "test_nll_nats", "error"]
+    assert board["trial"].tolist() == [3, 4, 1, 2]
+    assert board["val_elbo_nats"].tolist()[:3] == [-101.5, -103.0, -104.0] and math.isnan(board.at[3, "val_elbo_nats"])
+    assert board["test_nll_nats"].tolist()[:3] == [104.0, 99.0, 95.0]
+    assert sweep.best(results) is results[2]
+
+
+def test_when_a_finished_trial_has_no_finite_validation_elbo_the_leaderboard_ranks_by_the_test_metric():
+    for missing in (None, math.nan):
+        results = [finished(1, -100.0, 99.0, validation=-101.0, objective__beta=0.5), finished(2, -95.0, 97.0, validation=missing, objective__beta=1.0)]
+        assert sweep.leaderboard(results)["trial"].tolist() == [2, 1]
+        assert sweep.best(results) is results[1]
 
 
 def test_without_an_nll_the_leaderboard_ranks_by_elbo_highest_first_and_has_no_nll_column():

@@ -34,7 +34,9 @@ TINY = {
 }
 TINY_ARGS = [arg for name, value in TINY.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
 DIVERGES = 1e12  # a learning rate whose loss is NaN at the second step
-LEADERBOARD_COLUMNS = ["trial", "run_id", "status", "train.learning_rate", "test_elbo_nats", "test_nll_nats", "training_minutes", "error"]
+LEADERBOARD_COLUMNS = [
+    "trial", "run_id", "status", "train.learning_rate", "val_elbo_nats", "test_elbo_nats", "test_nll_nats", "training_minutes", "error",
+]
 
 
 def runs_of_the_sweep(client: MlflowClient):
@@ -96,16 +98,18 @@ def test_a_sweep_trains_its_trials_in_parallel_under_one_run_ranks_them_and_regi
     # The sweep trained the classifier once, before its trials, which all found it.
     assert len(client.search_runs([tracking.named_experiment("classifier-mnist")])) == 1
 
-    ranked = sorted(nested[:2], key=lambda run: run.data.metrics["test_nll_nats"])
+    # Ranked by the validation ELBO of the one epoch each trial trained (its model's), highest first.
+    ranked = sorted(nested[:2], key=lambda run: -run.data.metrics["val_elbo_nats"])
     board = read_leaderboard(client, parent.info.run_id, tmp_path)
     assert list(board.columns) == LEADERBOARD_COLUMNS
     assert board["run_id"].tolist() == [run.info.run_id for run in [*ranked, nested[2]]]
     assert board["trial"].tolist() == [int(run.data.tags["sweep.trial"]) for run in ranked] + [3]
     assert board["status"].tolist() == ["finished", "finished", "failed"]
     assert board["train.learning_rate"].tolist() == [float(run.data.params["train.learning_rate"]) for run in ranked] + [DIVERGES]
+    assert board["val_elbo_nats"].tolist()[:2] == pytest.approx([run.data.metrics["val_elbo_nats"] for run in ranked])
     assert board["test_nll_nats"].tolist()[:2] == pytest.approx([run.data.metrics["test_nll_nats"] for run in ranked])
     assert board["test_elbo_nats"].tolist()[:2] == pytest.approx([run.data.metrics["test_elbo_nats"] for run in ranked])
-    assert board.loc[2, ["test_elbo_nats", "test_nll_nats", "training_minutes"]].isna().all()
+    assert board.loc[2, ["val_elbo_nats", "test_elbo_nats", "test_nll_nats", "training_minutes"]].isna().all()
     # Each finished trial's training time is the one its run logged after its last epoch.
     assert board["training_minutes"].tolist()[:2] == pytest.approx([run.data.metrics["training_minutes"] for run in ranked])
     assert board["error"].isna().tolist()[:2] == [True, True]

@@ -78,6 +78,14 @@ class TrainingState:
         """:attr:`training_minutes` as it was at the end of ``epoch`` (counted from 1)."""
         return (sum(self.epoch_seconds[:epoch]) + sum(self.validation_seconds[:epoch])) / 60
 
+    @property
+    def final_val_elbo_nats(self) -> float | None:
+        """The validation ELBO of the parameters :func:`fit` returns: the best epoch's when early stopping restored
+        them, else the last epoch's; None without a validation set."""
+        if self.train_config.early_stopping_patience is not None and self.best_model_state is not None:
+            return self.best_val_elbo_nats
+        return self.history[-1].get("val_elbo_nats") if self.history else None
+
 
 class Callback:
     """Hooks called by :func:`fit`; override the ones you need."""

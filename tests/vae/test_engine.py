@@ -212,6 +212,14 @@ def test_early_stopping_restores_the_best_epoch_when_validation_gets_worse():
     assert (state.best_epoch, state.epoch, state.stopped_early) == (1, 3, True)
     for name, value in model.state_dict().items():
         assert torch.equal(value, snapshots[1][name]), name
+    assert state.final_val_elbo_nats == values[0]  # the restored epoch's, not the last one's
+
+
+def test_the_final_validation_elbo_is_the_last_epochs_without_early_stopping_and_none_without_validation():
+    _, state = run(train_config())
+    assert state.final_val_elbo_nats == state.history[-1]["val_elbo_nats"]
+    state = fit(build_model(MODEL), TRAIN, None, OBJECTIVE, train_config(epochs=1), progress=False)
+    assert state.final_val_elbo_nats is None
 
 
 def test_callbacks_are_called_at_start_every_epoch_and_end():
