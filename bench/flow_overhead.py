@@ -42,9 +42,13 @@ KINDS = ("cold", "home", "warm")
 
 
 def engine_only(preset: str, epochs: int, overrides: dict) -> None:
-    """The flow's stages without Prefect or MLflow: fetch, prepare, train, evaluate; prints the test metrics."""
+    """The flow's stages without Prefect or MLflow: fetch, prepare, train, evaluate; prints the test metrics. With the
+    command line's memory settings, so that both sides allocate alike."""
     from pipeline import data, training
+    from pipeline.cli import keep_freed_memory
     from pipeline.config import load_config
+
+    keep_freed_memory()
 
     config = load_config(preset, {"train.epochs": epochs, **overrides})
     prepared = data.prepare_configured(config.data, data.fetch(config.data.dataset, config.data.cache_dir))
