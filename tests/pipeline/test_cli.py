@@ -1,4 +1,5 @@
-"""Specification of the command line's own behaviour: what it imports before it answers, and the leaderboard."""
+"""Specification of the command line's own behaviour: what it imports before it answers, the memory it keeps, and the
+leaderboard."""
 
 import json
 import os
@@ -61,13 +62,13 @@ def registered(mlflow_store):
     return run.info.run_id
 
 
-def page_faults_of_twenty_40_mb_tensors(keep_freed_memory: bool, environment: dict[str, str]) -> int:
+def page_faults_of_twenty_40_mb_tensors(kept: bool, environment: dict[str, str]) -> int:
     """Minor page faults while a fresh process makes and frees a 40 MB tensor twenty times (after
     :func:`pipeline.cli.keep_freed_memory` when asked)."""
     probe = (
         "import resource, torch\n"
         "from pipeline.cli import keep_freed_memory\n"
-        f"if {keep_freed_memory}:\n"
+        f"if {kept}:\n"
         "    keep_freed_memory()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "for _ in range(20):\n"
@@ -94,6 +95,7 @@ def test_commands_keep_freed_memory_for_the_next_tensor_instead_of_faulting_its_
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
     cli.keep_freed_memory()
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"  # what the user set stays
+
 
 def test_the_leaderboard_lists_versions_best_first_with_their_aliases_and_training(registered):
     board = leaderboard("vae-mnist")
