@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # `python flows.py <command>`: the command line, which imports the flows only when it runs one
-    from pipeline.cli import main
+    from pipeline.cli import run
 
-    sys.exit(main())
+    run()
 
 import asyncio
 import json

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import ipaddress
 import json
 import logging
@@ -16,7 +17,7 @@ import sys
 import traceback
 import urllib.parse
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, nullcontext, redirect_stdout, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -105,7 +106,8 @@ def _train(args: argparse.Namespace) -> int:
     runs_flow = os.environ.get("RANK", "0") == "0" and not starts_group
     server = prefect_api.start_private_server() if runs_flow else None
     try:
-        _checked_device(config)
+        with _imports():
+            _checked_device(config)
         if args.resume is not None:  # a run still training in another process: refused before any work
             from pipeline import tracking
 
@@ -122,10 +124,10 @@ def _train(args: argparse.Namespace) -> int:
     with process_group() as (rank, _):  # under --processes or torchrun: every process of the group; else this one
         if rank != 0:
             return _train_shard(config)
-        from flows import train_flow
+        with _imports():
+            from flows import train_flow
 
-        if server is not None:
-            server.wait_until_ready()
+        _wait_for(server)
         with _flow_errors_reported_once():
             state = train_flow(config, resume_run_id=args.resume, return_state=True)
         if state.is_failed():
@@ -134,10 +136,24 @@ def _train(args: argparse.Namespace) -> int:
         return 0
 
 
+def _wait_for(server: prefect_api.PrivateServer | None) -> None:
+    """Wait until the private Prefect server (if this command started one) is ready, and meanwhile ready the MLflow
+    store (the flow's own call is then free): on a new machine, creating it overlaps the server's start. A store that
+    fails here fails again in the flow, which reports it."""
+    if server is None:
+        return
+    from pipeline import tracking
+
+    with suppress(Exception):
+        tracking.ensure_store()
+    server.wait_until_ready()
+
+
 def _train_shard(config: RunConfig) -> int:
     """A process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
-    from pipeline import data, training
-    from vae.engine import NonFiniteLossError
+    with _imports():
+        from pipeline import data, training
+        from vae.engine import NonFiniteLossError
 
     # Rank 0 reports the download (each process fetches, into the same cache); here it would only repeat it.
     files = data.fetch(config.data.dataset, config.data.cache_dir, progress=False)
@@ -154,14 +170,16 @@ def _train_shard(config: RunConfig) -> int:
 def _serve(args: argparse.Namespace) -> int:
     try:
         config = _config_from(args)
-        _checked_device(config)
+        with _imports():
+            _checked_device(config)
     except (ConfigError, RuntimeError) as error:
         return _fail(error, 2)
-    import flows
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
+    with _imports():
+        import flows
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL
 
-    from pipeline import tracking
+        from pipeline import tracking
 
     try:
         schedule = flows.retraining_schedule(args.cron, args.timezone)
@@ -203,10 +221,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if args.dask_address and (warning := dask_address_warning(args.dask_address)):
         print(f"warning: {warning}", file=sys.stderr)
     server = prefect_api.start_private_server()
-    import flows
-
-    if server is not None:
-        server.wait_until_ready()
+    with _imports():
+        import flows
+    _wait_for(server)
     runner = flows.dask_task_runner(args.dask_address, args.workers or LOCAL_WORKERS)
     with _flow_errors_reported_once():
         state = flows.sweep_flow.with_options(task_runner=runner)(base, grid, samples=args.samples, seed=args.seed, return_state=True)
@@ -224,9 +241,10 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipeline import data, registry, tracking, training
-    from vae.distributed import resolve_device
-    from vae.export import ModelFileError
+    with _imports():
+        from pipeline import data, registry, tracking, training
+        from vae.distributed import resolve_device
+        from vae.export import ModelFileError
 
     tracking.ensure_store()
     try:
@@ -256,10 +274,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
+    with _imports():
+        import torch
 
-    from pipeline import pictures, registry, tracking
-    from vae.export import ModelFileError
+        from pipeline import pictures, registry, tracking
+        from vae.export import ModelFileError
 
     tracking.ensure_store()
     try:
@@ -273,7 +292,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from pipeline import registry, tracking
+    with _imports():
+        from pipeline import registry, tracking
 
     tracking.ensure_store()
     try:
@@ -312,7 +332,8 @@ def leaderboard_text(board: pd.DataFrame) -> str:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pipeline import registry, tracking
+    with _imports():
+        from pipeline import registry, tracking
 
     tracking.ensure_store()
     try:
@@ -453,6 +474,41 @@ def keep_freed_memory() -> None:
     for name, (option, default) in MALLOC_SETTINGS.items():
         value = os.environ[name]
         mallopt(option, int(value) if value.isdigit() else default)
+
+
+# Modules, classes and functions live until the process ends, yet the cyclic garbage collector walks them again and
+# again: while imports grow the heap (torch, MLflow, Prefect and matplotlib: about 1 s of its full passes here) and in
+# the interpreter's teardown (about 1.4 s more). The program (run) has the heavy imports made with the collector paused
+# (_imports), freezes what they made (gc.freeze: out of every later pass) and freezes everything before it exits. Code
+# that calls main itself (tests, other programs) keeps its collector as it was.
+_FREEZING_IMPORTS = False
+
+
+def run() -> None:
+    """The program (`python flows.py`, `vae-pipeline`): :func:`main` in a process of its own, whose collector skips
+    the imports and whose teardown skips the heap (see :data:`_FREEZING_IMPORTS`); exits with the command's code."""
+    global _FREEZING_IMPORTS
+    _FREEZING_IMPORTS = True
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
+@contextmanager
+def _imports() -> Iterator[None]:
+    """Around a command's heavy imports: in the program, with the collector paused, and what they made frozen after;
+    elsewhere nothing changes."""
+    if not _FREEZING_IMPORTS:
+        yield
+        return
+    was_collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if was_collecting:
+            gc.enable()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
-"""Specification of the command line's own behaviour: what it imports before it answers, the memory it keeps, and the
-leaderboard."""
+"""Specification of the command line's own behaviour: what it imports before it answers, the memory it keeps, its
+garbage collector, and the leaderboard."""
 
+import gc
 import json
 import os
 import subprocess
@@ -95,6 +96,50 @@ def test_commands_keep_freed_memory_for_the_next_tensor_instead_of_faulting_its_
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
     cli.keep_freed_memory()
     assert os.environ["MALLOC_TRIM_THRESHOLD_"] == "12345"  # what the user set stays
+
+
+def collector_at_exit_of(*arguments: str, environment: dict[str, str]) -> tuple[int, bool, int, int]:
+    """The exit code of the program (`python flows.py ARGUMENTS`), whether its garbage collector was on when it exited,
+    and how many of the objects it tracks were frozen by then, and how many not."""
+    probe = (
+        "import atexit, gc, runpy, sys\n"
+        "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), len(gc.get_objects())))  # runs last\n"
+        f"sys.argv = ['flows.py', *{list(arguments)!r}]\n"
+        "try:\n"
+        "    runpy.run_path('flows.py', run_name='__main__')\n"
+        "except SystemExit as exit:\n"
+        "    print(exit.code)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True, check=True)
+    code, state = finished.stdout.strip().splitlines()[-2:]
+    enabled, frozen, unfrozen = state.split()
+    return int(code), enabled == "True", int(frozen), int(unfrozen)
+
+
+def test_the_program_freezes_its_heap_before_it_exits_with_the_collector_on(mlflow_store):
+    code, enabled, frozen, unfrozen = collector_at_exit_of("leaderboard", environment=dict(os.environ))
+    assert code == 0 and enabled
+    assert frozen > 100_000  # MLflow's and pandas' modules, classes and functions...
+    assert unfrozen < 100  # ...and what the command made after them: the teardown's collections skip them all
+
+
+def test_in_the_program_heavy_imports_run_with_the_collector_paused_and_stay_frozen(monkeypatch):
+    monkeypatch.setattr(cli, "_FREEZING_IMPORTS", True)  # as under cli.run
+    frozen = gc.get_freeze_count()
+    try:
+        with cli._imports():
+            assert not gc.isenabled()
+            made = [[number] for number in range(1000)]
+        assert gc.isenabled()
+        assert gc.get_freeze_count() >= frozen + len(made)
+    finally:
+        gc.unfreeze()
+
+
+def test_main_called_by_other_code_leaves_its_garbage_collector_alone(mlflow_store, capsys):
+    frozen = gc.get_freeze_count()
+    assert cli.main(["leaderboard", "--json"]) == 0
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
 
 
 def test_the_leaderboard_lists_versions_best_first_with_their_aliases_and_training(registered):
