@@ -13,6 +13,7 @@ Nothing here imports Prefect at module level: the child must start before the he
 from __future__ import annotations
 
 import atexit
+import gc
 import os
 import socket
 import subprocess
@@ -169,15 +170,21 @@ def _serve(listener_fd: int) -> None:
 
     # Before the slow imports, so that a parent killed during them takes this process with it.
     threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    # Modules and the app live until exit: the collector need not walk them while they are made, nor in the
+    # interpreter's teardown, which otherwise holds up the parent's exit by about a second (see pipeline.cli.run).
+    gc.disable()
     import uvicorn
     from prefect.server.api.server import create_app
 
     app = create_app(ephemeral=True, final=True)
     config = uvicorn.Config(app, log_level="error", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS)
     server = uvicorn.Server(config)
+    gc.freeze()
+    gc.enable()
     if gone.is_set():
         return
     server.run(sockets=[socket.socket(fileno=listener_fd)])
+    gc.freeze()
 
 
 if __name__ == "__main__":
