@@ -125,6 +125,8 @@ def _train(args: argparse.Namespace) -> int:
         if rank != 0:
             return _train_shard(config)
         with _imports():
+            import torch._dynamo  # noqa: F401  (torch.optim imports it, and sympy, when it makes the first optimizer)
+
             from flows import train_flow
 
         _wait_for(server)
@@ -152,6 +154,8 @@ def _wait_for(server: prefect_api.PrivateServer | None) -> None:
 def _train_shard(config: RunConfig) -> int:
     """A process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
     with _imports():
+        import torch._dynamo  # noqa: F401  (as in _train)
+
         from pipeline import data, training
         from vae.engine import NonFiniteLossError
 
