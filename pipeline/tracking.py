@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -432,15 +433,33 @@ def record_error(run_id: str, error: BaseException) -> None:
     take them, a note on the error says so (the error is what matters)."""
     try:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, "error", redact(f"{type(error).__name__}: {error}")[:ERROR_TAG_CHARS])
+        client.set_tag(run_id, "error", redact(error_summary(error))[:ERROR_TAG_CHARS])
         client.log_text(run_id, redact("".join(traceback.format_exception(error))), "error.txt")
     except Exception as failure:  # the store may be what failed; the run still has to end and the error to propagate
         error.add_note(redact(f"(could not record this error in MLflow: {type(failure).__name__}: {failure})"))
 
 
+def error_summary(error: BaseException) -> str:
+    """"<class>: <message>", the class alone for an error without a message, and the signal's name for one raised by
+    a signal (Prefect's TerminationSignal, whose message would be the bare number: "TerminationSignal: SIGTERM")."""
+    message = _signal_name(error) or str(error)
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def _signal_name(error: BaseException) -> str | None:
+    """The name of the signal that ``error`` stands for (Prefect's TerminationSignal carries its number), if any."""
+    number = getattr(error, "signal", None)
+    try:
+        return signal.Signals(number).name if isinstance(number, int) else None
+    except ValueError:
+        return None
+
+
 def failed_status(error: BaseException) -> RunStatus:
-    """How a run that ``error`` stopped ends: KILLED on Ctrl-C, else FAILED."""
-    return RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED
+    """How a run that ``error`` stopped ends: KILLED on Ctrl-C or a termination signal (SIGTERM, as Prefect's
+    cancellation sends), else FAILED."""
+    stopped = isinstance(error, KeyboardInterrupt) or _signal_name(error) is not None
+    return RunStatus.KILLED if stopped else RunStatus.FAILED
 
 
 class ImageSplit(MetaDataset):

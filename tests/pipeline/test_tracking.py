@@ -6,6 +6,7 @@ import logging
 import multiprocessing
 import os
 import re
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -19,6 +20,7 @@ import psutil
 import pytest
 import torch
 from mlflow import MlflowClient
+from prefect.exceptions import TerminationSignal
 from PIL import Image
 
 from pipeline import tracking
@@ -152,6 +154,7 @@ WORKER = """
 import sys, time
 from pathlib import Path
 from mlflow import MlflowClient
+from prefect.exceptions import TerminationSignal
 from pipeline.tracking import ensure_store
 uri, go, name = sys.argv[1:]
 Path(go + "." + name).touch()
@@ -257,6 +260,23 @@ def test_an_error_inside_the_run_fails_it_records_the_error_and_propagates(store
     assert text.startswith("Traceback (most recent call last):")
     assert "ValueError: learning rate too high" in text
     assert mlflow.active_run() is None
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "tag"),
+    [
+        (TerminationSignal(signal.SIGTERM), "KILLED", "TerminationSignal: SIGTERM"),
+        (KeyboardInterrupt(), "KILLED", "KeyboardInterrupt"),
+        (RuntimeError(), "FAILED", "RuntimeError"),
+    ],
+    ids=["sigterm", "ctrl-c", "no-message"],
+)
+def test_a_run_stopped_by_a_signal_ends_killed_and_its_error_tag_names_what_stopped_it(store, error, status, tag):
+    with pytest.raises(type(error)):
+        with start_run(tiny_config()) as run:
+            raise error
+    stopped = MlflowClient().get_run(run.info.run_id)
+    assert (stopped.info.status, stopped.data.tags["error"]) == (status, tag)
 
 
 # --- dataset, metrics and images ------------------------------------------------------------------------------------
