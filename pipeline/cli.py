@@ -119,14 +119,14 @@ def _train(args: argparse.Namespace) -> int:
 
         flows_py = Path(__file__).resolve().parent.parent / "flows.py"
         return launch([sys.executable, str(flows_py), *args.argv], args.processes)
+    with _imports():  # every process that trains: torch.optim imports it, and sympy, when it makes the first optimizer
+        import torch._dynamo  # noqa: F401
     from vae.distributed import process_group
 
     with process_group() as (rank, _):  # under --processes or torchrun: every process of the group; else this one
         if rank != 0:
             return _train_shard(config)
         with _imports():
-            import torch._dynamo  # noqa: F401  (torch.optim imports it, and sympy, when it makes the first optimizer)
-
             from flows import train_flow
 
         _wait_for(server)
@@ -154,8 +154,6 @@ def _wait_for(server: prefect_api.PrivateServer | None) -> None:
 def _train_shard(config: RunConfig) -> int:
     """A process of rank > 0: the same data, its shard of every batch; no Prefect, MLflow or checkpoint."""
     with _imports():
-        import torch._dynamo  # noqa: F401  (as in _train)
-
         from pipeline import data, training
         from vae.engine import NonFiniteLossError
 
