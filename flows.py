@@ -21,27 +21,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import available_timezones
 
+from pipeline.cli import flows_imports
 from pipeline.prefect_api import disable_telemetry
 
 disable_telemetry()  # before Prefect and MLflow are imported, which read their settings once
 
-import mlflow
-import pandas as pd
-import torch
-from mlflow.entities import RunInfo
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext
-from prefect.exceptions import TerminationSignal
-from prefect.futures import PrefectFuture
-from prefect.runner import Runner
-from prefect.schedules import Cron, Schedule
-from prefect.settings import PREFECT_API_URL, temporary_settings
+with flows_imports():  # with the collector paused in the program and in served flow runs: see pipeline.cli
+    import mlflow
+    import pandas as pd
+    import torch
+    from mlflow.entities import RunInfo
+    from prefect import flow, task
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.cache_policies import NO_CACHE
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import TerminationSignal
+    from prefect.futures import PrefectFuture
+    from prefect.runner import Runner
+    from prefect.schedules import Cron, Schedule
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from pipeline import data, registry, sample_quality, sweep, tracking, training, tutorials
-from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
-from pipeline.redaction import redact
+    from pipeline import data, registry, sample_quality, sweep, tracking, training, tutorials
+    from pipeline.config import DEFAULT_RETRAINING_CRON, LOCAL_WORKERS, ConfigError, RunConfig
+    from pipeline.redaction import redact
 
 if TYPE_CHECKING:
     from prefect_dask import DaskTaskRunner

@@ -7,6 +7,7 @@ that need no Prefect (evaluate, generate, promote, ui) never start or reach a Pr
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import gc
 import ipaddress
@@ -481,8 +482,9 @@ def keep_freed_memory() -> None:
 # Modules, classes and functions live until the process ends, yet the cyclic garbage collector walks them again and
 # again: while imports grow the heap (torch, MLflow, Prefect and matplotlib: about 1 s of its full passes here) and in
 # the interpreter's teardown (about 1.4 s more). The program (run) has the heavy imports made with the collector paused
-# (_imports), freezes what they made (gc.freeze: out of every later pass) and freezes everything before it exits. Code
-# that calls main itself (tests, other programs) keeps its collector as it was.
+# (_imports), freezes what they made (gc.freeze: out of every later pass) and freezes everything before it exits; so
+# does each process Prefect starts to run one served flow run (flows_imports). Code that calls main itself (tests,
+# other programs) keeps its collector as it was.
 _FREEZING_IMPORTS = False
 
 
@@ -511,6 +513,24 @@ def _imports() -> Iterator[None]:
         gc.freeze()
         if was_collecting:
             gc.enable()
+
+
+@contextmanager
+def flows_imports() -> Iterator[None]:
+    """Around flows.py's imports: in the program, as any command's heavy imports (:func:`_imports`). In a process
+    Prefect started to run one flow run (:func:`pipeline.prefect_api.is_flow_run_process`, the runs of `flows.py
+    serve`), what :func:`run` gives the program: the imports, and torch's compiler stack that the training
+    optimizer's first use imports, made with the collector paused and frozen after, and the heap frozen at exit.
+    Elsewhere nothing changes."""
+    global _FREEZING_IMPORTS
+    flow_run_process = not _FREEZING_IMPORTS and prefect_api.is_flow_run_process()
+    if flow_run_process:
+        _FREEZING_IMPORTS = True
+        atexit.register(gc.freeze)
+    with _imports():
+        yield
+        if flow_run_process:
+            import torch._dynamo  # noqa: F401
 
 
 def main(argv: Sequence[str] | None = None) -> int:
