@@ -519,14 +519,15 @@ def _imports() -> Iterator[None]:
 def flows_imports() -> Iterator[None]:
     """Around flows.py's imports: in the program, as any command's heavy imports (:func:`_imports`). In a process
     Prefect started to run one flow run (:func:`pipeline.prefect_api.is_flow_run_process`, the runs of `flows.py
-    serve`), what :func:`run` gives the program: the imports, and torch's compiler stack that the training
-    optimizer's first use imports, made with the collector paused and frozen after, and the heap frozen at exit.
-    Elsewhere nothing changes."""
+    serve`, or of a Prefect worker), what :func:`run` and :func:`main` give the program: freed memory kept
+    (:func:`keep_freed_memory`), the imports, and torch's compiler stack that the training optimizer's first use
+    imports, made with the collector paused and frozen after, and the heap frozen at exit. Elsewhere nothing changes."""
     global _FREEZING_IMPORTS
     flow_run_process = not _FREEZING_IMPORTS and prefect_api.is_flow_run_process()
     if flow_run_process:
         _FREEZING_IMPORTS = True
         atexit.register(gc.freeze)
+        keep_freed_memory()
     with _imports():
         yield
         if flow_run_process:

@@ -127,9 +127,9 @@ def test_the_program_freezes_its_heap_before_it_exits_with_the_collector_on(mlfl
 
 
 @needs_data
-def test_a_served_flow_runs_process_freezes_the_flows_imports_and_its_heap_before_it_exits(prefect_server, mlflow_store):
-    """Each run of `flows.py serve` is a `python -m prefect.engine` process that imports flows.py itself: it gets what
-    the program gets, though it never runs pipeline.cli.run."""
+def test_a_served_flow_runs_process_keeps_freed_memory_and_freezes_the_flows_imports_and_its_heap_at_exit(prefect_server, mlflow_store):
+    """Each run of `flows.py serve` (or of a Prefect worker) is a `python -m prefect.engine` process that imports
+    flows.py itself: it gets what the program gets, though it never runs pipeline.cli.run."""
     tiny = {"data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "eval.iwae_samples": 2,
             "eval.fid": False, "train.epochs": 1, "train.device": "cpu"}
     parameters = {"config": load_config("default", tiny).model_dump(mode="json")}
@@ -137,14 +137,17 @@ def test_a_served_flow_runs_process_freezes_the_flows_imports_and_its_heap_befor
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.create_flow_run_from_deployment(deployment)
         probe = (  # what `python -m prefect.engine` runs, as the Runner of `flows.py serve` starts it
-            "import atexit, gc, runpy\n"
-            "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), len(gc.get_objects())))  # runs last\n"
+            "import atexit, gc, os, runpy\n"
+            "atexit.register(lambda: print(gc.isenabled(), gc.get_freeze_count(), len(gc.get_objects()),\n"
+            "                              os.environ.get('MALLOC_TRIM_THRESHOLD_')))  # runs last\n"
             "runpy.run_module('prefect.engine', run_name='__main__', alter_sys=True)\n"
         )
-        environment = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT__FLOW_RUN_ID": str(flow_run.id)}
+        environment = {name: value for name, value in os.environ.items() if name not in cli.MALLOC_SETTINGS}
+        environment |= {"PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT__FLOW_RUN_ID": str(flow_run.id)}
         finished = subprocess.run([sys.executable, "-c", probe], cwd=PROJECT_ROOT, env=environment, capture_output=True, text=True)
         assert prefect.read_flow_run(flow_run.id).state.is_completed(), finished.stderr[-3000:]
-    enabled, frozen, unfrozen = finished.stdout.strip().splitlines()[-1].split()
+    enabled, frozen, unfrozen, trim_threshold = finished.stdout.strip().splitlines()[-1].split()
+    assert trim_threshold == str(cli.MALLOC_SETTINGS["MALLOC_TRIM_THRESHOLD_"][1])  # freed memory kept, as in the program
     assert enabled == "True"
     assert int(frozen) > 100_000  # torch's, MLflow's and Prefect's modules, classes and functions...
     assert int(unfrozen) < 100  # ...and what the run made: the teardown's collections skip them all
