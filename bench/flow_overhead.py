@@ -90,6 +90,7 @@ def check_completed(flow_run_id: str) -> None:
 
 
 def output_of(command: list[str], env: dict[str, str]) -> str:
+    """What ``command`` prints, run in the project's root; its output is shown only if it fails."""
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
@@ -104,11 +105,8 @@ def children_cpu_seconds() -> float:
 def timed(command: list[str], env: dict[str, str]) -> tuple[float, float]:
     """Wall and CPU seconds of ``command`` as a whole process tree; its output is kept only if it fails."""
     cpu, started = children_cpu_seconds(), time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    elapsed, cpu = time.perf_counter() - started, children_cpu_seconds() - cpu
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return elapsed, cpu
+    output_of(command, env)
+    return time.perf_counter() - started, children_cpu_seconds() - cpu
 
 
 def homes(root: Path, name: str) -> dict[str, str]:

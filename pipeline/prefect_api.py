@@ -44,7 +44,8 @@ def disable_telemetry() -> None:
 
 def is_flow_run_process() -> bool:
     """Whether this process is one Prefect started to run one flow run: each run of a served deployment (`flows.py
-    serve`) is a `python -m prefect.engine` process, which imports the flow's file from the deployment's entrypoint."""
+    serve`, or a Prefect worker) is a `python -m prefect.engine` process, which imports the flow's file from the
+    deployment's entrypoint."""
     main = sys.modules.get("__main__")
     return getattr(getattr(main, "__spec__", None), "name", None) == "prefect.engine"
 

@@ -123,6 +123,13 @@ def progress_at_every_update(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(progress, "time", SimpleNamespace(monotonic=lambda: 0.0))
 
 
+# A training run of the default preset that takes seconds: the config of the flow runs that Prefect starts itself.
+TINY_RUN = {
+    "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "eval.iwae_samples": 2,
+    "eval.fid": False, "train.epochs": 1, "train.device": "cpu",
+}
+
+
 # A classifier recipe for FID that trains in a second or two (about 77% test accuracy on MNIST), and few prior samples:
 # flow tests measure FID with it, so that each fresh store's first run does not train the real one (minutes).
 TINY_CLASSIFIER = {

@@ -17,16 +17,12 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 import flows
 from pipeline import cli
 from pipeline.config import load_config
-from tests.conftest import LONG_TEST_SECONDS, needs_data, refused_port, running, serving
+from tests.conftest import LONG_TEST_SECONDS, TINY_RUN, needs_data, refused_port, running, serving
 
 TINY = [
     "--set", "data.train_subset=300", "--set", "data.validation_size=200", "--set", "model.hidden_dims=[32]",
     "--set", "eval.iwae_samples=2", "--set", "eval.fid=false", "--epochs", "1", "--device", "cpu",
 ]
-TINY_CONFIG = {
-    "data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "eval.iwae_samples": 2,
-    "eval.fid": False, "train.epochs": 1, "train.device": "cpu",
-}
 CRON, TIMEZONE, NAME = "15 4 * * 2", "Europe/Paris", "nightly-test"
 RUN_TIMEOUT_SECONDS = 900  # a flow run of the tiny config takes about 45 s on two busy cores, minutes on loaded ones
 
@@ -77,7 +73,7 @@ def test_serve_creates_a_cron_deployment_whose_every_run_is_a_new_mlflow_run_and
             assert deployment.paused is False
             ((schedule, active),) = [(s.schedule, s.active) for s in deployment.schedules]
             assert (schedule.cron, schedule.timezone, active) == (CRON, TIMEZONE, True)
-            assert deployment.parameters == {"config": load_config("default", TINY_CONFIG).model_dump(mode="json")}
+            assert deployment.parameters == {"config": load_config("default", TINY_RUN).model_dump(mode="json")}
             assert f"run it now    prefect deployment run 'train-vae/{NAME}'" in serve_log.read_text()
 
             outcomes = []

@@ -19,7 +19,7 @@ import flows
 from pipeline import cli
 from pipeline.config import load_config
 from pipeline.registry import LEADERBOARD_COLUMNS, assign_alias, leaderboard, log_model, register_version
-from tests.conftest import PROJECT_ROOT, needs_data
+from tests.conftest import PROJECT_ROOT, TINY_RUN, needs_data
 from vae.config import ModelConfig
 from vae.models import build_model
 
@@ -130,9 +130,7 @@ def test_the_program_freezes_its_heap_before_it_exits_with_the_collector_on(mlfl
 def test_a_served_flow_runs_process_keeps_freed_memory_and_freezes_the_flows_imports_and_its_heap_at_exit(prefect_server, mlflow_store):
     """Each run of `flows.py serve` (or of a Prefect worker) is a `python -m prefect.engine` process that imports
     flows.py itself: it gets what the program gets, though it never runs pipeline.cli.run."""
-    tiny = {"data.train_subset": 300, "data.validation_size": 200, "model.hidden_dims": [32], "eval.iwae_samples": 2,
-            "eval.fid": False, "train.epochs": 1, "train.device": "cpu"}
-    parameters = {"config": load_config("default", tiny).model_dump(mode="json")}
+    parameters = {"config": load_config("default", TINY_RUN).model_dump(mode="json")}
     deployment = flows.train_flow.to_deployment(name="collector", parameters=parameters).apply()
     with get_client(sync_client=True) as prefect:
         flow_run = prefect.create_flow_run_from_deployment(deployment)
