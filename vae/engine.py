@@ -22,7 +22,7 @@ from vae.data import ImageSet
 from vae.distributed import check_backend, from_rank_0, rank_and_world_size, resolve_device, sum_over_processes
 from vae.evaluate import evaluate_elbo, uses_sampled_terms
 from vae.objectives import ElboTerms, elbo_terms, iwae_training_loss, kl_weight, sampled_elbo_terms, training_loss
-from vae.optimizers import KerasRMSprop
+from vae.optimizers import KerasRMSprop, fused_adam_update, updates_from_gradients
 
 logger = logging.getLogger(__name__)
 CHECK_EVERY_STEPS = 50  # how often the loop looks at the loss on the host (a device sync)
@@ -289,6 +289,10 @@ def _train_epoch(
     rank, world_size = rank_and_world_size()
     sampled = uses_sampled_terms(model, objective)
     scheduled = has_schedule(config)
+    # Gradients handed straight to the fused Adam kernel, bit for bit the update of zero_grad, backward and step. Not
+    # with several processes (DDP averages gradients in backward's hooks) nor with clipping (it reads the .grad).
+    direct_update = world_size == 1 and config.grad_clip_norm is None and updates_from_gradients(optimizer)
+    parameters = optimizer.param_groups[0]["params"]
     steps = steps_per_epoch(len(train), config)
     n = steps * config.batch_size if config.drop_last else len(train)  # images seen this epoch
     order = epoch_order(len(train), config, shuffle_generator).to(state.device)
@@ -332,11 +336,14 @@ def _train_epoch(
                 output = step_model(x, generator=noise_generator, eps=eps)
             terms = elbo_terms(x, output, objective)
             loss = training_loss(terms, weight, share)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
-        optimizer.step()
+        if direct_update:
+            fused_adam_update(optimizer, torch.autograd.grad(loss, parameters, allow_unused=True))
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip_norm)
+            optimizer.step()
         sums = torch.stack((terms.reconstruction.detach().sum(), terms.kl.detach().sum()))
         totals += sums
         losses[step, 0] = loss.detach()

@@ -17,6 +17,7 @@ from tests.conftest import float32_error_bound, one_thread
 from vae.checkpoint import load_checkpoint
 from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
 from vae.data import ImageSet, binarize
+from vae import engine
 from vae.distributed import process_group, resolve_device
 from vae.engine import Callback, NonFiniteLossError, epoch_order, fit, learning_rate, steps_per_epoch
 from vae.models import build_model
@@ -376,6 +377,34 @@ def test_a_hierarchical_vamp_prior_model_trains_deterministically_and_resumes_ex
     hierarchical(train_config(epochs=2), checkpoint_path=checkpoint)
     resumed, _ = hierarchical(train_config(), resume_from=checkpoint)
     assert_same_parameters(resumed, model_a)
+
+
+@pytest.mark.parametrize(
+    ("model_config", "objective", "changes"),
+    [
+        (MODEL, OBJECTIVE, {}),
+        (MODEL, OBJECTIVE, {"lr_schedule": "cosine", "lr_warmup_epochs": 1, "epsilon": 1e-4}),
+        (ModelConfig(architecture="conv", conv_channels=(4, 8), decoder_start_channels=8, decoder_channels=(8, 4), latent_dim=3), OBJECTIVE, {}),
+        (HIERARCHICAL, IWAE, {}),
+    ],
+    ids=["mlp", "mlp-scheduled", "conv", "hierarchical-vamp-iwae"],
+)
+def test_adam_steps_taken_from_the_gradients_are_bit_identical_to_zero_grad_backward_and_step(model_config, objective, changes, monkeypatch):
+    def trained():
+        model = build_model(model_config, seed=3)
+        return model, fit(model, TRAIN, VALIDATION, objective, train_config(epochs=2, **changes), progress=False)
+
+    direct_model, direct = trained()
+    monkeypatch.setattr(engine, "updates_from_gradients", lambda optimizer: False)
+    stepped_model, stepped = trained()
+    assert all(p.grad is None for p in direct_model.parameters())  # backward never ran: the gradients went to the kernel
+    assert all(p.grad is not None for p in stepped_model.parameters())
+    assert_same_parameters(direct_model, stepped_model)
+    assert direct.history == stepped.history
+    direct_moments, stepped_moments = direct.optimizer.state_dict()["state"], stepped.optimizer.state_dict()["state"]
+    assert direct_moments.keys() == stepped_moments.keys()
+    for key, moments in direct_moments.items():
+        assert all(torch.equal(moments[name], stepped_moments[key][name]) for name in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_an_analytic_kl_is_refused_for_a_model_without_one():

@@ -1,4 +1,5 @@
-"""Specification of Keras' RMSprop: its update by hand, epsilon inside the square root."""
+"""Specification of Keras' RMSprop (its update by hand, epsilon inside the square root) and of Adam's update made
+straight from a list of gradients."""
 
 import copy
 import math
@@ -8,7 +9,7 @@ import torch
 
 from vae.config import TrainConfig
 from vae.engine import make_optimizer
-from vae.optimizers import KerasRMSprop
+from vae.optimizers import KerasRMSprop, fused_adam_update, updates_from_gradients
 
 
 def test_two_steps_follow_keras_update_with_epsilon_inside_the_square_root():
@@ -67,3 +68,63 @@ def test_each_optimizer_setting_builds_its_optimizer_with_its_default_or_the_con
 def test_bad_hyperparameters_are_refused_by_name():
     with pytest.raises(ValueError, match="KerasRMSprop needs lr > 0, eps > 0 and 0 <= rho < 1, got lr=0.001, rho=1.0, eps=1e-07"):
         KerasRMSprop([torch.nn.Parameter(torch.zeros(1))], rho=1.0)
+
+
+def adam_pair(**settings) -> tuple[list[torch.nn.Parameter], torch.optim.Adam, list[torch.nn.Parameter], torch.optim.Adam]:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), (2, 3)]
+    weights = [torch.nn.Parameter(torch.randn(shape, generator=generator)) for shape in shapes]
+    copies = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+    return weights, torch.optim.Adam(weights, **settings), copies, torch.optim.Adam(copies, **settings)
+
+
+@pytest.mark.parametrize("settings", [{}, {"weight_decay": 0.1, "betas": (0.5, 0.9), "eps": 1e-3}, {"maximize": True}])
+def test_fused_adam_update_of_gradients_makes_the_steps_of_torchs_fused_adam_bit_for_bit(settings):
+    weights, optimizer, copies, direct = adam_pair(lr=0.01, fused=True, **settings)
+    assert updates_from_gradients(direct)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(4):
+        gradients = [torch.randn(w.shape, generator=generator) for w in weights]
+        # A transposed gradient as a layer's backward may return it: its memory is not in the parameter's order.
+        gradients[0] = torch.randn(4, 3, generator=generator).t()
+        optimizer.zero_grad()
+        torch.autograd.backward(weights, gradients)  # into .grad as backward stores a gradient: in the parameter's layout
+        optimizer.step()
+        fused_adam_update(direct, gradients)
+        assert all(torch.equal(w, c) for w, c in zip(weights, copies)), step
+    assert all(c.grad is None for c in copies)
+    for key, state in optimizer.state_dict()["state"].items():
+        assert all(torch.equal(value, direct.state_dict()["state"][key][name]) for name, value in state.items())
+
+
+def test_a_parameter_without_a_gradient_is_skipped_as_torchs_step_skips_it():
+    weights, optimizer, copies, direct = adam_pair(lr=0.01, fused=True)
+    for round_ in range(3):
+        gradients = [torch.full(w.shape, 0.5 + round_) for w in weights]
+        gradients[1] = None if round_ == 1 else gradients[1]
+        optimizer.zero_grad()
+        torch.autograd.backward(*zip(*((w, g) for w, g in zip(weights, gradients) if g is not None)))
+        optimizer.step()
+        fused_adam_update(direct, gradients)
+        assert all(torch.equal(w, c) for w, c in zip(weights, copies))
+    assert [direct.state[c]["step"].item() for c in copies] == [3.0, 2.0, 3.0]
+
+
+def test_only_a_fused_adam_over_one_group_of_contiguous_trained_parameters_without_step_hooks_takes_gradient_lists():
+    def weight():
+        return torch.nn.Parameter(torch.zeros(2, 2))
+
+    assert updates_from_gradients(torch.optim.Adam([weight()], fused=True))
+    assert not updates_from_gradients(torch.optim.Adam([weight()]))  # the for-loop kernels
+    assert not updates_from_gradients(torch.optim.Adam([weight()], fused=True, amsgrad=True))
+    assert not updates_from_gradients(torch.optim.AdamW([weight()], fused=True))
+    assert not updates_from_gradients(torch.optim.Adam([{"params": [weight()]}, {"params": [weight()]}], fused=True))
+    assert not updates_from_gradients(torch.optim.Adam([torch.nn.Parameter(torch.zeros(2, 3).t())], fused=True))
+    frozen = weight().requires_grad_(False)
+    assert not updates_from_gradients(torch.optim.Adam([weight(), frozen], fused=True))
+    hooked = torch.optim.Adam([weight()], fused=True)
+    handle = hooked.register_step_pre_hook(lambda optimizer, args, kwargs: None)
+    assert not updates_from_gradients(hooked)
+    handle.remove()
+    assert updates_from_gradients(hooked)
+    assert not updates_from_gradients(KerasRMSprop([weight()]))
