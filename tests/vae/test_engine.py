@@ -14,10 +14,10 @@ from torch.distributed import TCPStore
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.conftest import float32_error_bound, one_thread
+from vae import engine
 from vae.checkpoint import load_checkpoint
 from vae.config import ModelConfig, ObjectiveConfig, TrainConfig
 from vae.data import ImageSet, binarize
-from vae import engine
 from vae.distributed import process_group, resolve_device
 from vae.engine import Callback, NonFiniteLossError, epoch_order, fit, learning_rate, steps_per_epoch
 from vae.models import build_model
