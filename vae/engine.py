@@ -185,7 +185,9 @@ def fit(
     number of intra-op threads the checkpoint recorded (a step's sums are split over them), and says so on the
     ``vae.engine`` logger when this process would use another. With early stopping the
     parameters of the best validation epoch are restored at the end. ``metadata`` (plain values) is stored in the
-    checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`.
+    checkpoint as it is. A NaN or infinite loss raises :class:`NonFiniteLossError`. With a fused Adam (the default on
+    CPU and CUDA) the gradients go straight to its kernel, so the parameters' ``.grad`` stay None; an optimizer step hook
+    (``register_step_pre_hook``) sees them in ``.grad`` as usual, since with one the steps are PyTorch's own.
 
     In a torch.distributed process group (see :func:`vae.distributed.process_group`) every process calls ``fit`` with the same data
     and settings and trains with DistributedDataParallel on its contiguous shard of every batch. Every process draws
